@@ -1,0 +1,1 @@
+"""The `nitp` command-line interface (installed as `nitp_ds.cli`)."""

@@ -1,0 +1,67 @@
+"""The `nitp` Typer app: one function per command, parsing and printing only.
+
+Each command calls one library function; bad input raises `NITPError`, which `main` prints as
+one line and turns into exit code 2 (`--debug` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from nitp_ds.errors import NITPError
+
+app = typer.Typer(
+    name="nitp",
+    help="Pretrain MoE language models with DeepSpeed ZeRO-3 + expert parallelism and the NITP objective.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    if debug:
+        os.environ["NITP_DEBUG"] = "1"
+
+
+@app.command("env")
+def env_command() -> None:
+    """Show versions, accelerators and whether this install is inside the tested ranges."""
+    from nitp_ds.env import print_env_report
+
+    print_env_report()
+
+
+def _register_commands() -> None:
+    # Each group of commands lives in its own module and adds itself to `app`.
+    from nitp_ds.cli import commands  # noqa: F401
+
+
+def main() -> None:
+    _register_commands()
+    try:
+        app(standalone_mode=False)
+    except NITPError as exc:
+        if os.environ.get("NITP_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,122 @@
+"""Loss functions: chunked next-token cross-entropy, the NITP cosine loss, router balancing losses.
+
+All of them take `labels` with -100 at ignored positions, so NTP and NITP are masked alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy of `hidden @ weight.T` against `labels`, `chunk` rows at a time.
+
+    The full-vocabulary logits are never materialised for the whole batch: each chunk's logits
+    live only while its loss and gradients are computed. Gradients are computed during the
+    forward pass (when grad is enabled) and scaled in backward, so nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            y = labels[start:start + chunk]
+            logits = (h @ weight.t()).float()
+            valid = y != IGNORE
+            safe_y = torch.where(valid, y, torch.zeros_like(y))
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_y.unsqueeze(1)).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if needs_grad:
+                grad_logits = torch.softmax(logits, dim=-1)
+                grad_logits[torch.arange(len(y), device=y.device), safe_y] -= 1.0
+                grad_logits *= valid.unsqueeze(1)
+                grad_logits = grad_logits.to(hidden.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = grad_logits @ weight
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0),
+                              grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over positions whose label is not -100, and their count.
+
+    `hidden` is [..., d] (the state fed to the LM head), `weight` the LM head [V, d], `labels` [...].
+    """
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_y = labels.reshape(-1)
+    count = (flat_y != IGNORE).sum()
+    total = _LinearCrossEntropy.apply(flat_h, weight, flat_y, chunk_tokens)
+    return total / count.clamp(min=1), count
+
+
+def nitp_cosine_loss(prediction: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_NITP = mean of 1 - cos(P(h_t), sg(z_{t+1})) over positions t whose label is kept.
+
+    `prediction` and `target` are [B, T, d] at the same positions t = 0..T-1; the target of
+    position t is taken at t+1, so the last position has none and is dropped.
+    """
+    pred = prediction[:, :-1].float()
+    tgt = target[:, 1:].detach().float()
+    mask = (labels[:, :-1] != IGNORE).float()
+    cos = F.cosine_similarity(pred, tgt, dim=-1, eps=1e-6)
+    return ((1.0 - cos) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def router_losses(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None,
+                  group=None) -> dict[str, torch.Tensor]:
+    """Switch/Mixtral-style load-balancing loss, router z-loss, and tokens per expert.
+
+    Per MoE layer with router logits [N, E]: p = softmax(logits); f_e = fraction of the N·k top-k
+    assignments that go to expert e; P_e = mean of p_e over tokens; aux = E · Σ_e f_e · P_e
+    (1.0 when perfectly balanced). z = mean over tokens of logsumexp(logits)². Both are averaged
+    over layers. With `group`, the assignment counts f are summed over that process group first
+    (global-batch balancing); P stays local so its gradient is the local one.
+    """
+    if not router_logits:
+        zero = torch.zeros(())
+        return {"aux": zero, "z": zero, "load": torch.zeros(0, 0)}
+    aux_terms, z_terms, loads = [], [], []
+    for logits in router_logits:
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        num_experts = logits.shape[-1]
+        weight = (token_mask.reshape(-1).float() if token_mask is not None
+                  else torch.ones(logits.shape[0], device=logits.device))
+        probs = torch.softmax(logits, dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        counts = torch.zeros(num_experts, device=logits.device).scatter_add_(
+            0, chosen.reshape(-1), weight.repeat_interleave(top_k))
+        tokens = weight.sum()
+        if group is not None:
+            import torch.distributed as dist
+
+            reduced = torch.cat([counts, tokens.reshape(1)])
+            dist.all_reduce(reduced, group=group)
+            global_counts, global_tokens = reduced[:-1], reduced[-1]
+        else:
+            global_counts, global_tokens = counts, tokens
+        f = global_counts / (global_tokens.clamp(min=1.0) * top_k)
+        p_mean = (probs * weight.unsqueeze(1)).sum(0) / tokens.clamp(min=1.0)
+        aux_terms.append(num_experts * (f * p_mean).sum())
+        z_terms.append(((torch.logsumexp(logits, dim=-1) ** 2) * weight).sum() / tokens.clamp(min=1.0))
+        loads.append(counts.detach())
+    return {"aux": torch.stack(aux_terms).mean(), "z": torch.stack(z_terms).mean(), "load": torch.stack(loads)}

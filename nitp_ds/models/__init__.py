@@ -1,0 +1,126 @@
+"""Building stock Hugging Face MoE models, per family, from a recipe or a local directory.
+
+nitp-ds does not fork modeling code: each family is a table entry that says how the recipe's
+shape fields map onto the family's Hugging Face config, which AutoEP preset serves it, and how
+AutoEP's parameter names map back onto the Hugging Face ones (used by `nitp convert`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nitp_ds.config import ModelConfig
+from nitp_ds.errors import NITPError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # also the Hugging Face model_type
+    autoep_preset: str
+    shape_keys: Callable[[ModelConfig], dict[str, Any]]  # recipe shape -> family-specific HF config keys
+    num_experts_key: str
+
+
+def _qwen3_moe(m: ModelConfig) -> dict[str, Any]:
+    return dict(num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                moe_intermediate_size=m.moe_intermediate_size, norm_topk_prob=True)
+
+
+def _qwen2_moe(m: ModelConfig) -> dict[str, Any]:
+    return dict(num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                moe_intermediate_size=m.moe_intermediate_size, shared_expert_intermediate_size=m.intermediate_size,
+                norm_topk_prob=True)
+
+
+def _mixtral(m: ModelConfig) -> dict[str, Any]:
+    # Mixtral's experts use intermediate_size; the recipe's moe_intermediate_size is the expert width.
+    return dict(num_local_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                intermediate_size=m.moe_intermediate_size)
+
+
+def _deepseek(m: ModelConfig) -> dict[str, Any]:
+    head_dim = m.head_dim or m.hidden_size // m.num_heads
+    return dict(n_routed_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                moe_intermediate_size=m.moe_intermediate_size, n_shared_experts=1, first_k_dense_replace=1,
+                q_lora_rank=None, kv_lora_rank=max(16, head_dim), qk_rope_head_dim=max(8, head_dim // 2),
+                qk_nope_head_dim=max(8, head_dim // 2), v_head_dim=head_dim, n_group=1, topk_group=1,
+                num_key_value_heads=m.num_heads)
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen3_moe": Family("qwen3_moe", "qwen3_moe", _qwen3_moe, "num_experts"),
+    "qwen2_moe": Family("qwen2_moe", "qwen3_moe", _qwen2_moe, "num_experts"),
+    "mixtral": Family("mixtral", "mixtral", _mixtral, "num_local_experts"),
+    "deepseek_v2": Family("deepseek_v2", "deepseek_v2", _deepseek, "n_routed_experts"),
+    "deepseek_v3": Family("deepseek_v3", "deepseek_v3", _deepseek, "n_routed_experts"),
+}
+
+
+def family_of(model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        raise NITPError(f"model family '{model_type}' is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def build_hf_config(m: ModelConfig, vocab_size: int):
+    """The Hugging Face config for a recipe's model section (random init) or its pretrained directory."""
+    from transformers import AutoConfig
+
+    if m.pretrained:
+        return load_pretrained_config(m.pretrained)
+    family = family_of(m.family)
+    keys: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+        initializer_range=m.init_std, use_cache=False, output_router_logits=False,
+    )
+    if m.head_dim is not None:
+        keys["head_dim"] = m.head_dim
+    keys.update(family.shape_keys(m))
+    keys.update(m.extra)
+    try:
+        config = AutoConfig.for_model(family.name, **keys)
+    except (TypeError, ValueError) as exc:
+        raise NITPError(f"model.extra or the model shape is not valid for {family.name}: {exc}") from None
+    config._attn_implementation = m.attn_implementation
+    return config
+
+
+def load_pretrained_config(path: str):
+    from transformers import AutoConfig
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise NITPError(f"model.pretrained {path} is not a Hugging Face model directory (no config.json); "
+                        "point it at a local directory written by save_pretrained or `nitp export`")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    family_of(config.model_type)
+    return config
+
+
+def build_model(m: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32):
+    """A stock Hugging Face causal LM: loaded from `model.pretrained` or randomly initialised."""
+    from transformers import AutoModelForCausalLM
+
+    config = build_hf_config(m, vocab_size)
+    if m.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(m.pretrained, config=config, dtype=dtype, local_files_only=True,
+                                                     attn_implementation=m.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=m.attn_implementation)
+    model.config.use_cache = False
+    model.config.output_router_logits = False  # router logits are captured with hooks (nitp_ds.losses)
+    return model
+
+
+def num_experts(config) -> int:
+    return int(getattr(config, family_of(config.model_type).num_experts_key))
+
+
+def experts_per_token(config) -> int:
+    return int(config.num_experts_per_tok)

@@ -1,0 +1,143 @@
+"""The NITP head, the target capture, and the training module that computes every loss part.
+
+`NITPModel` wraps a stock Hugging Face causal LM (`self.lm`) and, for training only, an NITP head
+(`self.nitp_head`). Its forward runs the decoder once and returns the raw loss parts; the engine
+(`nitp_ds.engine.NITPEngine`) weights them. The target z_{t+1} is the output of the first k
+decoder layers, captured by a forward hook on layer k-1 (the embedding for k = 0) and detached:
+no gradient reaches the target path through the NITP loss.
+
+Documented choice: h_t is the final hidden state *after* the final norm (the vector fed to the
+LM head); z is the raw residual stream (`hidden_states[k]` in Hugging Face terms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nitp_ds.losses import chunked_cross_entropy, nitp_cosine_loss, router_losses
+from nitp_ds.models import experts_per_token
+
+# AutoEP names the module tree of the Hugging Face model `lm.model.layers.N.mlp` inside this wrapper.
+MOE_LAYER_PATTERN = r"lm\.model\.layers\.\d+\.mlp"
+
+
+class SwiGLUHead(nn.Module):
+    """P(h) = W_down (silu(W_gate h) ⊙ W_up h): the paper's head, 12d² parameters at width 4d."""
+
+    def __init__(self, d: int, width: int):
+        super().__init__()
+        self.gate = nn.Linear(d, width, bias=False)
+        self.up = nn.Linear(d, width, bias=False)
+        self.down = nn.Linear(width, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class MLPHead(nn.Module):
+    def __init__(self, d: int, width: int):
+        super().__init__()
+        self.up = nn.Linear(d, width, bias=False)
+        self.down = nn.Linear(width, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(h)))
+
+
+def build_head(kind: str, d: int, mult: int, init_std: float) -> nn.Module | None:
+    if kind == "none":
+        return None
+    head: nn.Module
+    if kind == "swiglu":
+        head = SwiGLUHead(d, mult * d)
+    elif kind == "mlp":
+        head = MLPHead(d, mult * d)
+    else:
+        head = nn.Linear(d, d, bias=False)
+    for p in head.parameters():
+        nn.init.normal_(p, std=init_std)
+    return head
+
+
+class NITPModel(nn.Module):
+    def __init__(self, lm: nn.Module, head: str = "swiglu", head_mult: int = 4, target_layer: int = 1,
+                 ce_chunk_tokens: int = 8192, aux_group_fn=None):
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config  # AutoEP reads the root module's config
+        self.nitp_head = build_head(head, lm.config.hidden_size, head_mult, lm.config.initializer_range)
+        self.target_layer = target_layer
+        self.ce_chunk_tokens = ce_chunk_tokens
+        self.aux_group_fn = aux_group_fn  # returns a process group for global-batch balancing, or None
+        self.top_k = experts_per_token(lm.config)
+        self._target: torch.Tensor | None = None
+        self._router_logits: list[torch.Tensor] = []
+        self._hooks: list = []
+        self._register_external_lm_head()
+
+    def _register_external_lm_head(self) -> None:
+        # Under ZeRO-3 a parameter is gathered only while its owning module runs; the chunked loss
+        # reads the LM head's weight directly, so it is registered with this module too.
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        register_external_parameter(self, self.lm.get_output_embeddings().weight)
+
+    # -- hooks: attached after AutoEP has replaced the MoE blocks --------------------------------
+
+    def attach_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.nitp_head is not None:
+            source = (self.lm.get_input_embeddings() if self.target_layer == 0
+                      else self.lm.model.layers[self.target_layer - 1])
+            self._hooks.append(source.register_forward_hook(self._capture_target))
+        for router in router_modules(self.lm):
+            self._hooks.append(router.register_forward_hook(self._capture_router))
+
+    def _capture_target(self, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        self._target = hidden.detach()
+
+    def _capture_router(self, module, args, output) -> None:
+        logits = output[0] if isinstance(output, tuple) else output
+        self._router_logits.append(logits)
+
+    # -- forward: one decoder pass, every loss part ---------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._hooks:
+            self.attach_hooks()
+        self._router_logits = []
+        self._target = None
+        hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        weight = self.lm.get_output_embeddings().weight
+        ntp, tokens = chunked_cross_entropy(hidden, weight, labels, self.ce_chunk_tokens)
+        parts = {"ntp": ntp, "tokens": tokens}
+        if self.nitp_head is not None:
+            parts["nitp"] = nitp_cosine_loss(self.nitp_head(hidden), self._target, labels)
+        else:
+            parts["nitp"] = torch.zeros((), device=hidden.device)
+        group = self.aux_group_fn() if self.aux_group_fn is not None else None
+        router = router_losses(self._router_logits, self.top_k, token_mask=None, group=group)
+        parts["aux"], parts["z"], parts["load"] = router["aux"].to(hidden.device), router["z"].to(hidden.device), router["load"]
+        self._router_logits = []
+        self._target = None
+        return parts
+
+
+def router_modules(lm: nn.Module) -> list[nn.Module]:
+    """The modules whose output is the router logits, one per MoE layer (Hugging Face or AutoEP)."""
+    found = []
+    for layer in lm.model.layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        router = getattr(mlp, "router", None)
+        if router is not None and hasattr(router, "gate"):  # AutoEP: mlp.router.gate is the linear
+            found.append(router.gate)
+        elif hasattr(mlp, "gate") and hasattr(mlp, "experts"):  # Hugging Face: mlp.gate returns logits first
+            found.append(mlp.gate)
+    return found
