@@ -1,1 +1,3 @@
 """Imports every command module so that each registers its commands on the app."""
+from nitp_ds.cli import train  # noqa: F401
+from nitp_ds.cli import data  # noqa: F401

@@ -22,13 +22,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             y = labels[start:start + chunk]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight.t()).to(acc)
             valid = y != IGNORE
             safe_y = torch.where(valid, y, torch.zeros_like(y))
             lse = torch.logsumexp(logits, dim=-1)
@@ -42,7 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk] = grad_logits @ weight
                 if grad_weight is not None:
-                    grad_weight += (grad_logits.t() @ h).float()
+                    grad_weight += (grad_logits.t() @ h).to(acc)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0),
                               grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_dtype = weight.dtype

@@ -1,0 +1,111 @@
+"""Crash-safe checkpoints on top of DeepSpeed's `save_checkpoint` / `load_checkpoint`.
+
+Layout: `RUN/checkpoints/global_stepN/` (DeepSpeed's files, per rank) plus `nitp_meta.json`,
+written by rank 0 only after every rank has finished writing — its presence marks the checkpoint
+complete. `RUN/checkpoints/latest` names the newest complete tag and is replaced atomically
+(write then rename), so it never points at a partial checkpoint. On resume, an incomplete
+directory is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nitp_ds.errors import NITPError
+
+META = "nitp_meta.json"
+TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_complete(tag_dir: Path) -> bool:
+    meta = tag_dir / META
+    if not meta.is_file():
+        return False
+    try:
+        return bool(json.loads(meta.read_text()).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((tag_dir / META).read_text())
+
+
+def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for child in ckpt_dir.iterdir():
+        match = TAG_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_complete(ckpt_dir: Path, warn=print) -> Path | None:
+    """The newest complete checkpoint directory, skipping (and warning about) incomplete ones."""
+    for step, tag_dir in reversed(list_tags(ckpt_dir)):
+        if is_complete(tag_dir):
+            return tag_dir
+        warn(f"warning: skipping incomplete checkpoint {tag_dir} (no complete {META}; a save was interrupted)")
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir, a checkpoints dir or a global_stepN dir -> the complete tag directory to read."""
+    path = Path(path)
+    if not path.exists():
+        raise NITPError(f"checkpoint {path} does not exist; pass a run directory or a global_stepN directory")
+    if TAG_RE.match(path.name) and path.is_dir():
+        if not is_complete(path):
+            raise NITPError(f"checkpoint {path} is incomplete (no complete {META}); a save was interrupted — "
+                            "use an earlier global_stepN or the run directory")
+        return path
+    for ckpt_dir in (path / "checkpoints", path):
+        if list_tags(ckpt_dir):
+            found = latest_complete(ckpt_dir)
+            if found is None:
+                raise NITPError(f"no complete checkpoint under {ckpt_dir}; every global_stepN there is incomplete")
+            return found
+    raise NITPError(f"{path} is not a checkpoint: expected a run directory, its checkpoints/ directory, "
+                    "or a global_stepN directory written by nitp train")
+
+
+def mark_complete(tag_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write_text(tag_dir / META, json.dumps({**meta, "complete": True}, indent=2))
+
+
+def update_latest(ckpt_dir: Path, tag: str) -> None:
+    atomic_write_text(ckpt_dir / "latest", tag)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = [(s, d) for s, d in list_tags(ckpt_dir) if is_complete(d)]
+    for _, tag_dir in complete[:-keep_last]:
+        shutil.rmtree(tag_dir, ignore_errors=True)

@@ -1,0 +1,507 @@
+"""The training loop: build, resume, step, evaluate, checkpoint, log — on every rank.
+
+`train(cfg, ds_config_path)` is what `nitp train` runs on each rank (the `deepspeed` launcher
+starts one process per GPU, or per CPU slot with DS_ACCELERATOR=cpu). Each step of the loop has a
+name: `train_step`, `evaluate`, `save`. Only global rank 0 writes logs and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nitp_ds.checkpoint import state as ckpt
+from nitp_ds.config import Config, dump_yaml, from_dict, read_yaml, to_dict, validate
+from nitp_ds.ds_config import derive_ds_config, load_ds_config
+from nitp_ds.errors import NITPError
+from nitp_ds.logging import MetricsLogger, format_train_line
+
+RESOLVED = "resolved_config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Multiplier of optim.lr after `step` optimizer steps (warmup, then cosine / WSD / constant)."""
+    s, total = cfg.schedule, max(cfg.train.steps, 1)
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.kind == "constant":
+        return 1.0
+    floor = s.min_lr_ratio
+    if s.kind == "cosine":
+        progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = total - int(s.decay_ratio * total)
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return 1.0 - (1.0 - floor) * progress
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_dist_env() -> None:
+    """A single process started without a launcher still gets a 1-process group."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+
+
+def world() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    consumed_tokens: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    stop_requested: bool = False
+    last: dict[str, float] = field(default_factory=dict)
+
+
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """What makes a run directory belong to a config: changing these needs a new out_dir or --force."""
+    d = to_dict(cfg)
+    return {"model": d["model"], "nitp": d["nitp"], "data": {"path": d["data"]["path"], "seq_len": d["data"]["seq_len"]}}
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, force: bool, rank: int) -> None:
+    resolved = run_dir / RESOLVED
+    if resolved.exists() and not force:
+        previous = from_dict(read_yaml(resolved))
+        if run_identity(previous) != run_identity(cfg):
+            changed = [k for k, v in run_identity(cfg).items() if run_identity(previous)[k] != v]
+            raise NITPError(f"run directory {run_dir} belongs to another config (different {', '.join(changed)}); "
+                            "choose another train.out_dir or pass --force to start it afresh")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not resolved.exists() and not force:
+        raise NITPError(f"{run_dir} exists and is not an nitp run directory; choose another train.out_dir "
+                        "or pass --force")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ds_config_path: str | Path, *, force: bool = False):
+        validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rank, self.world_size, self.local_rank = world()
+        self.is_main = self.rank == 0
+        self.state = RunState()
+        self.force = force
+        self.ds_raw = load_ds_config(ds_config_path)
+
+        from nitp_ds.data.dataset import TokenLoader, check_vocab, open_data
+
+        self.data = open_data(cfg.data.path)
+        vocab = cfg.model.vocab_size or self.data.vocab_size
+        check_vocab(self.data, vocab)
+        self.vocab_size = vocab
+        self.hf_config = self._hf_config()
+        from nitp_ds.models import num_experts
+
+        self.ds_config = derive_ds_config(self.ds_raw, cfg, world_size=self.world_size,
+                                          num_experts=num_experts(self.hf_config), model_type=self.hf_config.model_type)
+        self.loader = TokenLoader(self.data, "train", cfg.data.seq_len, cfg.train.micro_batch_size,
+                                  dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed,
+                                  weights=cfg.data.weights or None)
+
+    def _hf_config(self):
+        from nitp_ds.models import build_hf_config
+
+        return build_hf_config(self.cfg.model, self.vocab_size)
+
+    # -- build -------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        from nitp_ds.engine import build_engine
+        from nitp_ds.models import build_model
+        from nitp_ds.nitp import NITPModel
+
+        cfg = self.cfg
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        lm = build_model(cfg.model, self.vocab_size)
+        if cfg.train.activation_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        target_layer = cfg.target_layer if cfg.model.pretrained is None else (
+            cfg.nitp.target_layer if cfg.nitp.target_layer is not None
+            else max(1, round(0.2 * lm.config.num_hidden_layers)))
+        if not 0 <= target_layer < lm.config.num_hidden_layers:
+            raise NITPError(f"nitp.target_layer ({target_layer}) must be in [0, {lm.config.num_hidden_layers - 1}] "
+                            f"for the {lm.config.num_hidden_layers}-layer model in {cfg.model.pretrained}")
+        self.target_layer = target_layer
+        aux_group = None
+        if cfg.moe.aux_loss_scope == "global" and self.world_size > 1:
+            import torch.distributed as dist
+
+            aux_group = lambda: dist.group.WORLD  # noqa: E731
+        model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=target_layer,
+                          ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        fused = cfg.optim.fused if cfg.optim.fused is not None else torch.cuda.is_available()
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+        self.engine = build_engine(model, self.ds_config, optimizer, scheduler, nitp_weight=cfg.nitp.weight,
+                                   aux_weight=cfg.moe.aux_loss_weight, z_weight=cfg.moe.z_loss_weight)
+        self.device = self.engine.device
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never" or self.force:
+            return
+        if mode == "auto":
+            tag_dir = ckpt.latest_complete(self.ckpt_dir, warn=self.log_warning)
+            if tag_dir is None:
+                return
+        else:
+            tag_dir = ckpt.resolve_checkpoint(mode)
+        universal = (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
+        if universal:
+            self.engine._config.load_universal_checkpoint = True
+        load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                        load_module_strict=True)
+        if load_path is None:
+            raise NITPError(f"could not load checkpoint {tag_dir}; it may be truncated — resume from an earlier "
+                            "global_stepN or pass --resume never")
+        client = client or {}
+        self.state.step = int(client.get("step", 0))
+        self.state.consumed_tokens = int(client.get("consumed_tokens", 0))
+        if "loader" in client:
+            self.loader.load_state_dict(client["loader"])
+        if "rng" in client:
+            restore_rng(client["rng"])
+        self.log_info(f"resumed from {tag_dir} at step {self.state.step}")
+
+    def save(self) -> None:
+        step = self.state.step
+        tag = ckpt.tag_for(step)
+        tag_dir = self.ckpt_dir / tag
+        if self.is_main and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # a leftover from an interrupted save of this same step
+        self.barrier()
+        client = {"step": step, "consumed_tokens": self.state.consumed_tokens,
+                  "loader": self.loader.state_dict(), "rng": capture_rng()}
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+            ok = 1
+        except OSError as exc:
+            self.log_warning(f"error: checkpoint save to {tag_dir} failed ({exc.strerror or exc}); "
+                             "the previous checkpoint is still valid")
+            ok = 0
+        ok = self.all_min(ok)
+        if not ok:
+            if self.is_main:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            raise NITPError(f"checkpoint save to {tag_dir} failed on at least one rank (disk full or unwritable?); "
+                            "the previous checkpoint is intact — free space or fix permissions and resume")
+        if self.is_main:
+            ckpt.mark_complete(tag_dir, self.checkpoint_meta(step))
+            ckpt.update_latest(self.ckpt_dir, tag)
+            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        self.barrier()
+
+    def checkpoint_meta(self, step: int) -> dict[str, Any]:
+        return {"step": step, "hf_config": self.hf_config.to_dict(), "model_type": self.hf_config.model_type,
+                "nitp": {"head": self.cfg.nitp.head, "head_mult": self.cfg.nitp.head_mult,
+                         "target_layer": self.target_layer, "weight": self.cfg.nitp.weight},
+                "tokenizer_dir": str(self.data.tokenizer_dir.resolve()) if self.data.tokenizer_dir else None,
+                "data_dir": str(Path(self.cfg.data.path).resolve()), "world_size": self.world_size,
+                "autoep_size": self.ds_config.get("expert_parallel", {}).get("autoep_size"),
+                "consumed_tokens": self.state.consumed_tokens}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_min(self, value: int) -> int:
+        import torch.distributed as dist
+
+        flag = torch.tensor([value], device=self.device, dtype=torch.float32)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return int(flag.item())
+
+    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(values)
+            values = values / self.world_size
+        return values
+
+    def log_info(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def log_warning(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.state.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def batch_to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, torch.Tensor] | None:
+        """One optimizer step over grad_accum micro-batches; None when the step was skipped (non-finite)."""
+        engine, accum = self.engine, self.cfg.train.grad_accum
+        totals: dict[str, torch.Tensor] = {}
+        load = None
+        for _ in range(accum):
+            batch = self.batch_to_device(next(self.loader))
+            loss = engine(batch["input_ids"], batch["labels"])
+            if fault_nan(self.state.step + 1):
+                loss = loss * float("nan")
+            finite = self.all_min(int(torch.isfinite(loss).item()))
+            if not finite:
+                # Nothing reaches the optimizer: backward and step are skipped on every rank.
+                return None
+            engine.backward(loss)
+            engine.step()
+            for key, value in engine.loss_parts.items():
+                if key == "load":
+                    load = value if load is None else load + value
+                else:
+                    totals[key] = totals.get(key, 0) + value.float() / accum
+            self.state.consumed_tokens += batch["input_ids"].numel() * self.world_size
+        if load is not None and load.numel():
+            totals["load"] = load
+        return totals
+
+    def evaluate(self) -> dict[str, float]:
+        from nitp_ds.data.dataset import TokenLoader
+
+        loader = TokenLoader(self.data, "val", self.cfg.data.seq_len, self.cfg.train.micro_batch_size,
+                             dp_rank=self.rank, dp_world_size=self.world_size, seed=self.cfg.train.seed)
+        self.engine.eval()
+        sums = torch.zeros(3, device=self.device)
+        with torch.no_grad():
+            for batch in loader.val_batches(self.cfg.train.eval_batches):
+                batch = self.batch_to_device(batch)
+                self.engine(batch["input_ids"], batch["labels"])
+                parts = self.engine.loss_parts
+                sums += torch.stack([parts["loss/ntp"].float(), parts["loss/nitp"].float(),
+                                     torch.ones((), device=self.device)])
+        self.engine.train()
+        sums = self.all_mean(sums)
+        n = max(sums[2].item(), 1.0)
+        ntp = sums[0].item() / n
+        return {"val/loss_ntp": ntp, "val/ppl": math.exp(min(ntp, 50)), "val/loss_nitp": sums[1].item() / n}
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main:
+            if self.force and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.run_dir / RESOLVED, dump_yaml(cfg))
+            import json
+
+            ckpt.atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
+        self.build()
+        self.barrier()
+        self.resume()
+        logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
+                               resume_step=self.state.step)
+        self.install_signal_handlers()
+        flops_per_token, peak = self.flops_model()
+        tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world_size * cfg.data.seq_len
+        interval: dict[str, torch.Tensor] = {}
+        interval_steps, interval_start = 0, time.perf_counter()
+        first_loss = None
+        status = "finished"
+        while self.state.step < cfg.train.steps:
+            parts = self.train_step()
+            if parts is None:
+                self.state.bad_steps += 1
+                self.state.skipped_steps += 1
+                self.log_warning(f"warning: step {self.state.step + 1} has a non-finite loss on some rank; skipped "
+                                 f"({self.state.bad_steps}/{cfg.train.max_bad_steps} in a row)")
+                if self.state.bad_steps >= cfg.train.max_bad_steps:
+                    logger.close()
+                    raise NITPError(f"{self.state.bad_steps} consecutive steps had a non-finite loss; stopping. The "
+                                    f"newest checkpoint in {self.ckpt_dir} is from before the trouble — lower optim.lr "
+                                    "or check the data, then resume")
+                continue
+            self.state.bad_steps = 0
+            self.state.step += 1
+            for key, value in parts.items():
+                interval[key] = interval.get(key, 0) + value
+            interval_steps += 1
+            step = self.state.step
+            if step % cfg.logging.every == 0 or step == cfg.train.steps:
+                record = self.interval_record(interval, interval_steps, time.perf_counter() - interval_start,
+                                              tokens_per_step, flops_per_token, peak)
+                if first_loss is None:
+                    first_loss = record["loss/ntp"]
+                self.state.last = record
+                logger.log(record)
+                logger.print(format_train_line(record, cfg.train.steps))
+                interval, interval_steps, interval_start = {}, 0, time.perf_counter()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                self.log_eval(logger, step)
+            stop = self.all_min(0 if self.state.stop_requested else 1) == 0
+            if stop:
+                status = "preempted"
+                self.log_info(f"stop requested at step {step}: saving a checkpoint and exiting")
+                self.save()
+                break
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+                self.save()
+        if status == "finished":
+            if cfg.train.steps and not (self.ckpt_dir / ckpt.tag_for(self.state.step)).exists():
+                self.save()
+            final_eval = self.log_eval(logger, self.state.step) if cfg.train.steps else {}
+        else:
+            final_eval = {}
+        logger.close()
+        summary = {"status": status, "step": self.state.step, "consumed_tokens": self.state.consumed_tokens,
+                   "skipped_steps": self.state.skipped_steps, "first_loss_ntp": first_loss, **self.state.last,
+                   **final_eval, "run_dir": str(self.run_dir)}
+        if self.is_main:
+            import json
+
+            ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def log_eval(self, logger: MetricsLogger, step: int) -> dict[str, float]:
+        record = self.evaluate()
+        logger.log({"kind": "eval", "step": step, **record})
+        logger.print(f"eval  step {step:>6}  val ntp {record['val/loss_ntp']:.4f}  ppl {record['val/ppl']:.2f}  "
+                     f"val nitp {record['val/loss_nitp']:.4f}")
+        return record
+
+    def flops_model(self) -> tuple[float | None, float | None]:
+        try:
+            from nitp_ds.metrics import flops_per_token, peak_flops
+        except ImportError:
+            return None, None
+        head_mult = self.cfg.nitp.head_mult if self.cfg.nitp_enabled else 0
+        try:
+            fpt = flops_per_token(self.hf_config, self.cfg.data.seq_len, nitp_head_mult=head_mult)
+            peak = peak_flops(self.device) if torch.cuda.is_available() else None
+        except Exception:
+            return None, None
+        return fpt, peak
+
+    def interval_record(self, interval: dict[str, torch.Tensor], steps: int, seconds: float, tokens_per_step: int,
+                        flops_per_token: float | None, peak: float | None) -> dict[str, Any]:
+        keys = [k for k in interval if k != "load"]
+        values = self.all_mean(torch.stack([interval[k].float().reshape(()) for k in keys]) / steps).tolist()
+        record: dict[str, Any] = {"kind": "train", "step": self.state.step, **dict(zip(keys, values))}
+        record.pop("tokens", None)
+        record["lr"] = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        record["tokens_per_s"] = tokens_per_step * steps / max(seconds, 1e-9)
+        record["consumed_tokens"] = self.state.consumed_tokens
+        if flops_per_token and peak:
+            record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * self.world_size)
+        if torch.cuda.is_available():
+            record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.cfg.logging.expert_load and "load" in interval:
+            try:
+                from nitp_ds.metrics import expert_load_stats
+
+                record.update(expert_load_stats(interval["load"].float().cpu()))
+            except ImportError:
+                pass
+        return record
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG and fault injection
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def capture_rng() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def fault_nan(step: int) -> bool:
+    """Test hook: NITP_FAULT_NAN_STEPS=3,4 makes those steps' loss NaN (to prove skip-and-stop)."""
+    spec = os.environ.get("NITP_FAULT_NAN_STEPS")
+    return bool(spec) and str(step) in spec.split(",")
+
+
+def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> dict[str, Any]:
+    ensure_dist_env()
+    rank = world()[0]
+    prepare_run_dir(cfg, Path(cfg.train.out_dir), force, rank)
+    trainer = Trainer(cfg, ds_config_path, force=force)
+    return trainer.run()

@@ -1,0 +1,102 @@
+"""Recipe loading, overrides and validation: every bad config names the problem and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from nitp_ds.config import Config, apply_override, dump_yaml, from_dict, load_config, read_yaml, validate
+from nitp_ds.errors import NITPError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_bundled_recipe_loads_and_validates(recipe):
+    cfg = validate(load_config(recipe))
+    assert cfg.model.num_layers >= 1
+
+
+def test_overrides_are_coerced_to_the_field_type():
+    cfg = load_config(RECIPES / "debug.yaml", ["train.steps=7", "optim.lr=1e-4", "nitp.target_layer=2",
+                                               "optim.betas=[0.8, 0.9]", "logging.tensorboard=false",
+                                               "model.extra={rope_scaling: null}", "data.path=some/dir"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.nitp.target_layer == 2
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.logging.tensorboard is False
+    assert cfg.model.extra == {"rope_scaling": None}
+    assert cfg.data.path == "some/dir"
+
+
+def test_optional_override_accepts_none():
+    cfg = load_config(None, ["nitp.target_layer=3", "nitp.target_layer=none"])
+    assert cfg.nitp.target_layer is None
+
+
+def test_yaml_round_trip_is_lossless():
+    cfg = load_config(RECIPES / "qwen3_moe_small.yaml", ["train.steps=11"])
+    import yaml
+
+    again = from_dict(yaml.safe_load(dump_yaml(cfg)))
+    assert again == cfg
+
+
+def test_default_target_layer_is_a_fifth_of_depth():
+    assert load_config(None, ["model.num_layers=24"]).target_layer == 5
+    assert load_config(None, ["model.num_layers=16"]).target_layer == 3
+    assert load_config(None, ["model.num_layers=2"]).target_layer == 1
+
+
+BAD = [
+    (["train.stepz=3"], "did you mean 'train.steps'"),
+    (["modle.hidden_size=3"], "did you mean 'model'"),
+    (["train.steps=many"], "train.steps must be an integer"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["model.family=llama"], "model.family 'llama' is not supported"),
+    (["nitp.head=transformer"], "nitp.head 'transformer' is not one of"),
+    (["nitp.target_layer=9"], "nitp.target_layer (9) must be in [0, 3]"),
+    (["nitp.head=none"], "set nitp.weight=0 for plain next-token prediction"),
+    (["model.experts_per_token=9"], "model.experts_per_token (9) must be between 1 and model.num_experts (4)"),
+    (["model.num_heads=3"], "must be divisible by model.num_heads (3)"),
+    (["model.num_kv_heads=3"], "must be a multiple of model.num_kv_heads (3)"),
+    (["data.seq_len=1024"], "data.seq_len (1024) exceeds model.max_seq_len (256)"),
+    (["schedule.kind=linear"], "schedule.kind 'linear' is not one of"),
+    (["optim.betas=[0.9]"], "optim.betas must have 2 items"),
+    (["logging.tensorboard=maybe"], "logging.tensorboard must be true or false"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size must be >= 1"),
+    (["moe.aux_loss_scope=world"], "moe.aux_loss_scope 'world' is not one of"),
+    (["train=3"], "names a whole section"),
+    (["train.steps"], "must look like section.key=value"),
+    (["train.steps.x=1"], "is a value, not a section"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_config_is_refused_with_a_message_naming_the_fix(overrides, message):
+    with pytest.raises(NITPError) as err:
+        validate(load_config(RECIPES / "debug.yaml", overrides))
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  hiden_size: 8\n")
+    with pytest.raises(NITPError, match="unknown key 'model.hiden_size'; did you mean 'model.hidden_size'"):
+        load_config(path)
+
+
+def test_recipe_that_is_not_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(NITPError, match="is not valid YAML at line"):
+        read_yaml(path)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(NITPError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_defaults_validate():
+    validate(Config())

@@ -1,0 +1,68 @@
+"""The ds_config is completed from the recipe and contradictions are refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nitp_ds.config import load_config
+from nitp_ds.ds_config import derive_ds_config, load_ds_config
+from nitp_ds.errors import NITPError
+from nitp_ds.nitp import MOE_LAYER_PATTERN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def derive(raw, overrides=(), world_size=2, num_experts=4):
+    cfg = load_config(ROOT / "recipes" / "debug.yaml", list(overrides))
+    return derive_ds_config(raw, cfg, world_size=world_size, num_experts=num_experts, model_type="qwen3_moe")
+
+
+def test_bundled_configs_fill_batch_sizes_and_autoep():
+    for name in ("zero3_moe.json", "zero3_moe_cpu.json"):
+        ds = derive(load_ds_config(ROOT / "ds_configs" / name), ["train.grad_accum=3"])
+        assert ds["train_micro_batch_size_per_gpu"] == 4
+        assert ds["gradient_accumulation_steps"] == 3
+        assert ds["train_batch_size"] == 4 * 3 * 2
+        assert ds["expert_parallel"]["autoep_size"] == 2
+        assert ds["expert_parallel"]["preset_model"] == "qwen3_moe"
+        assert ds["expert_parallel"]["moe_layer_pattern"] == MOE_LAYER_PATTERN
+        assert ds["bf16"]["enabled"] is False  # no GPU here
+
+
+def test_auto_autoep_size_is_the_largest_common_divisor():
+    raw = {"expert_parallel": {"enabled": True, "autoep_size": "auto"}}
+    assert derive(raw, world_size=8, num_experts=4)["expert_parallel"]["autoep_size"] == 4
+    assert derive(raw, world_size=3, num_experts=4)["expert_parallel"]["autoep_size"] == 1
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu is 2 but train.micro_batch_size gives 4"),
+    ({"train_batch_size": 5}, "train_batch_size is 5 but train.micro_batch_size × train.grad_accum × world size"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping is 0.5 but optim.grad_clip gives 1.0"),
+    ({"optimizer": {"type": "Adam"}}, "remove it: nitp-ds builds AdamW"),
+    ({"scheduler": {"type": "WarmupLR"}}, "remove it"),
+    ({"fp16": {"enabled": True}}, "ds_config enables fp16"),
+    ({"bf16": {"enabled": True}}, "no bf16 support"),
+    ({"expert_parallel": {"enabled": True, "autoep_size": 3}}, "autoep_size (3) does not divide the world size (2)"),
+    ({"expert_parallel": {"enabled": True, "autoep_size": 2}}, "autoep_size (2) does not divide model.num_experts (3)"),
+    ({"expert_parallel": {"enabled": True, "preset_model": "mixtral"}}, "needs 'qwen3_moe'"),
+    ({"expert_parallel": {"enabled": True, "moe_layer_pattern": "model\\.layers\\.\\d+\\.mlp"}}, "set it to \"auto\""),
+])
+def test_contradictions_are_refused(raw, message):
+    experts = 3 if raw.get("expert_parallel", {}).get("autoep_size") == 2 else 4
+    with pytest.raises(NITPError) as err:
+        derive(raw, num_experts=experts)
+    assert message in str(err.value)
+
+
+def test_bad_json_names_the_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "bf16": {"enabled": true,}\n}')
+    with pytest.raises(NITPError, match="is not valid JSON \\(line 2"):
+        load_ds_config(path)
+
+
+def test_missing_ds_config(tmp_path):
+    with pytest.raises(NITPError, match="does not exist; pass --ds-config"):
+        load_ds_config(tmp_path / "none.json")

@@ -1,0 +1,103 @@
+"""The loss functions against independent references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nitp_ds.losses import IGNORE, chunked_cross_entropy, nitp_cosine_loss, router_losses
+
+
+def reference_aux(logits, top_k):
+    """Switch-style balancing written as plain loops: E · Σ_e f_e · P_e, f over the N·k assignments."""
+    n, e = logits.shape
+    probs = [[math.exp(v) for v in row] for row in logits.tolist()]
+    probs = [[v / sum(row) for v in row] for row in probs]
+    counts = [0] * e
+    for row in probs:
+        for idx in sorted(range(e), key=lambda i: -row[i])[:top_k]:
+            counts[idx] += 1
+    f = [c / (n * top_k) for c in counts]
+    p_mean = [sum(row[i] for row in probs) / n for i in range(e)]
+    return e * sum(fi * pi for fi, pi in zip(f, p_mean))
+
+
+def reference_z(logits):
+    return sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / logits.shape[0]
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_aux_loss_matches_an_independent_reference(top_k):
+    torch.manual_seed(top_k)
+    layers = [torch.randn(37, 6, dtype=torch.float64) * 2 for _ in range(3)]
+    out = router_losses(layers, top_k)
+    expected = sum(reference_aux(l, top_k) for l in layers) / len(layers)
+    assert out["aux"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["z"].item() == pytest.approx(sum(reference_z(l) for l in layers) / 3, rel=1e-6)
+    assert out["load"].shape == (3, 6)
+    assert out["load"].sum().item() == pytest.approx(3 * 37 * top_k)
+
+
+def test_aux_loss_is_one_when_perfectly_balanced():
+    logits = torch.log(torch.full((8, 4), 0.25)) + torch.eye(4).repeat(2, 1) * 1e-3
+    assert router_losses([logits], 1)["aux"].item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_aux_loss_masks_ignored_tokens():
+    logits = torch.randn(10, 4)
+    mask = torch.tensor([1] * 6 + [0] * 4)
+    masked = router_losses([logits], 2, token_mask=mask)["aux"]
+    assert masked.item() == pytest.approx(router_losses([logits[:6]], 2)["aux"].item(), rel=1e-6)
+
+
+def test_aux_loss_gradient_reaches_the_router():
+    logits = torch.randn(16, 4, requires_grad=True)
+    router_losses([logits], 2)["aux"].backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_chunked_cross_entropy_matches_full_logits(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (3, 11))
+    y[0, :4] = IGNORE
+    loss, count = chunked_cross_entropy(h, w, y, chunk)
+    ref = F.cross_entropy((h @ w.t()).reshape(-1, 50), y.reshape(-1), ignore_index=IGNORE)
+    assert count.item() == 29
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    g_h, g_w = torch.autograd.grad(loss * 3.0, (h, w))
+    r_h, r_w = torch.autograd.grad(ref * 3.0, (h, w))
+    torch.testing.assert_close(g_h, r_h)
+    torch.testing.assert_close(g_w, r_w)
+
+
+def test_chunked_cross_entropy_without_grad():
+    with torch.no_grad():
+        loss, _ = chunked_cross_entropy(torch.randn(4, 8), torch.randn(20, 8), torch.randint(0, 20, (4,)), 3)
+    assert torch.isfinite(loss)
+
+
+def test_nitp_loss_pairs_position_t_with_target_t_plus_1():
+    target = torch.randn(2, 5, 8)
+    prediction = torch.roll(target, shifts=-1, dims=1)  # prediction[t] == target[t+1]
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    assert nitp_cosine_loss(prediction, target, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert nitp_cosine_loss(target, target, labels).item() > 0.5  # same position is not the target
+
+
+def test_nitp_loss_masks_like_ntp():
+    prediction, target = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
+    labels = torch.tensor([[1, 1, IGNORE, IGNORE, IGNORE, 1]])
+    kept = nitp_cosine_loss(prediction[:, :3], target[:, :3], labels[:, :3])
+    assert nitp_cosine_loss(prediction, target, labels).item() == pytest.approx(kept.item(), rel=1e-6)
+
+
+def test_nitp_loss_sends_no_gradient_to_the_target():
+    target = torch.randn(1, 4, 8, requires_grad=True)
+    prediction = torch.randn(1, 4, 8, requires_grad=True)
+    nitp_cosine_loss(prediction, target, torch.zeros(1, 4, dtype=torch.long)).backward()
+    assert target.grad is None
+    assert prediction.grad.abs().sum() > 0
