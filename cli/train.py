@@ -85,14 +85,43 @@ def train_command(
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
         print("launching: " + shlex.join(cmd), flush=True)
-        result = subprocess.run(cmd, env=env)
-        raise typer.Exit(result.returncode if result.returncode >= 0 else 1)
+        # A session of its own: a terminal's Ctrl-C reaches only this process, which forwards it to the ranks.
+        launcher = subprocess.Popen(cmd, env=env, start_new_session=True)
+        forward_stop_signals(launcher)
+        returncode = launcher.wait()
+        raise typer.Exit(returncode if returncode >= 0 else 1)
 
     from nitp_ds.trainer import train
 
     summary = train(cfg, ds_config, force=force)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
+
+
+def forward_stop_signals(launcher: subprocess.Popen) -> None:
+    """SIGTERM/SIGINT to `nitp train` go to the ranks, which save a checkpoint and exit 0 (so do the launchers).
+
+    Not to the launchers themselves: the deepspeed runner has no handler (it would die and orphan the
+    ranks) and deepspeed.launcher.launch terminates the ranks, kills them after 30 s and exits 1.
+    """
+    import signal
+
+    import psutil
+
+    def forward(signum, frame):
+        try:
+            procs = psutil.Process(launcher.pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                if "deepspeed.launcher.launch" in " ".join(proc.parent().cmdline()):
+                    proc.send_signal(signum)
+            except psutil.Error:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
 
 
 def _forwarded_argv() -> list[str]:

@@ -222,8 +222,8 @@ class Trainer:
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
             ok = 1
-        except OSError as exc:
-            self.log_warning(f"error: checkpoint save to {tag_dir} failed ({exc.strerror or exc}); "
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+            self.log_warning(f"error: checkpoint save to {tag_dir} failed ({getattr(exc, 'strerror', None) or exc}); "
                              "the previous checkpoint is still valid")
             ok = 0
         ok = self.all_min(ok)
@@ -299,7 +299,7 @@ class Trainer:
         for _ in range(accum):
             batch = self.batch_to_device(next(self.loader))
             loss = engine(batch["input_ids"], batch["labels"])
-            if fault_nan(self.state.step + 1):
+            if fault_nan(self.state.step + self.state.skipped_steps + 1):  # the attempt, not the step: a skipped step is retried
                 loss = loss * float("nan")
             finite = self.all_min(int(torch.isfinite(loss).item()))
             if not finite:
@@ -398,7 +398,7 @@ class Trainer:
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
                 self.save()
         if status == "finished":
-            if cfg.train.steps and not (self.ckpt_dir / ckpt.tag_for(self.state.step)).exists():
+            if cfg.train.steps and not ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(self.state.step)):
                 self.save()
             final_eval = self.log_eval(logger, self.state.step) if cfg.train.steps else {}
         else:
@@ -421,13 +421,11 @@ class Trainer:
         return record
 
     def flops_model(self) -> tuple[float | None, float | None]:
+        from nitp_ds.metrics import flops_per_token, head_param_count, peak_flops
+
+        head = head_param_count(self.cfg.nitp.head, self.hf_config.hidden_size, self.cfg.nitp.head_mult)
         try:
-            from nitp_ds.metrics import flops_per_token, peak_flops
-        except ImportError:
-            return None, None
-        head_mult = self.cfg.nitp.head_mult if self.cfg.nitp_enabled else 0
-        try:
-            fpt = flops_per_token(self.hf_config, self.cfg.data.seq_len, nitp_head_mult=head_mult)
+            fpt = flops_per_token(self.hf_config, self.cfg.data.seq_len, nitp_head_params=head)
             peak = peak_flops(self.device) if torch.cuda.is_available() else None
         except Exception:
             return None, None
@@ -449,12 +447,9 @@ class Trainer:
         if torch.cuda.is_available():
             record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.cfg.logging.expert_load and "load" in interval:
-            try:
-                from nitp_ds.metrics import expert_load_stats
+            from nitp_ds.metrics import expert_load_stats
 
-                record.update(expert_load_stats(interval["load"].float().cpu()))
-            except ImportError:
-                pass
+            record.update(expert_load_stats(interval["load"].float().cpu()))
         return record
 
 
@@ -494,7 +489,11 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def fault_nan(step: int) -> bool:
-    """Test hook: NITP_FAULT_NAN_STEPS=3,4 makes those steps' loss NaN (to prove skip-and-stop)."""
+    """Test hook: NITP_FAULT_NAN_STEPS=3,4 makes the loss of the 3rd and 4th step attempts NaN (skip-and-stop).
+
+    Attempts count skipped steps too, so "3" skips one step and training goes on, while "3,4,5" is three bad
+    steps in a row.
+    """
     spec = os.environ.get("NITP_FAULT_NAN_STEPS")
     return bool(spec) and str(step) in spec.split(",")
 

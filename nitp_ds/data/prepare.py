@@ -1,0 +1,423 @@
+"""`prepare_data`: sources -> a tokenizer, flat token shards, document indexes and a manifest.
+
+Steps, in order: parse the sources, refuse an existing output (unless `force`), load or train the
+tokenizer, then stream each source's documents in batches through a pool of tokenizer processes,
+append EOS to every document, send each document to train or val, and append it to that split's
+shards. Everything is written into a hidden temporary directory beside the output, which is
+renamed to the output only once the manifest is written: a killed run leaves no directory that
+looks complete (only `.NAME.incomplete-PID`, which is safe to delete).
+
+Output layout (see docs/data.md):
+    manifest.json
+    tokenizer/                      a Hugging Face fast tokenizer (tokenizer.json, ...)
+    {train,val}/{source}/00000.bin  tokens, uint16 or uint32, documents back to back, each ending in EOS
+    {train,val}/{source}/docs.npy   int64 document start offsets into that stream, plus its length
+
+The val split takes whole documents. With `val_fraction`, each document goes to val with that
+probability, from a hash of (seed, source, document number): deterministic, and independent of
+batching and worker count. With `val_tokens`, val takes a pseudo-random quarter of the first
+documents of each source until the source's share (by weight) of `val_tokens` is reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nitp_ds.data.sources import ReadStats, SourceSpec, iter_documents, parse_source
+from nitp_ds.data.tokenizer import (load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer,
+                                    vocab_size_of)
+from nitp_ds.errors import NITPError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+BATCH_CHARS = 4 << 20  # text per tokenizer task: large enough to amortise the IPC, small enough to stream
+VAL_TOKENS_PICK = 0.25  # with val_tokens: the fraction of early documents that are candidates for val
+
+
+def prepare_data(
+    sources: list[str | SourceSpec],
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    train_vocab_size: int | None = None,
+    text_key: str = "text",
+    val_fraction: float = 0.005,
+    val_tokens: int | None = None,
+    seed: int = 0,
+    num_workers: int | None = None,
+    dtype: str = "auto",
+    shard_tokens: int = 1 << 30,
+    tokenizer_train_bytes: int = 256 << 20,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `sources` into a data directory at `out_dir`; returns its manifest."""
+    specs = [s if isinstance(s, SourceSpec) else parse_source(s) for s in sources]
+    _check_arguments(specs, tokenizer, train_vocab_size, val_fraction, val_tokens, dtype, shard_tokens)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise NITPError(f"output {out_dir} already exists; pass --force to replace it (or choose another --out)")
+    args = dict(sources=[asdict(s) for s in specs], out_dir=str(out_dir), tokenizer=str(tokenizer) if tokenizer else None,
+                train_vocab_size=train_vocab_size, text_key=text_key, val_fraction=val_fraction,
+                val_tokens=val_tokens, seed=seed, dtype=dtype, shard_tokens=shard_tokens)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        manifest = _prepare_into(tmp_dir, specs, args, text_key, num_workers, progress, tokenizer_train_bytes)
+        _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_arguments(specs, tokenizer, train_vocab_size, val_fraction, val_tokens, dtype, shard_tokens) -> None:
+    if not specs:
+        raise NITPError("no --source given; pass at least one, e.g. --source data/corpus.jsonl")
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise NITPError(f"source name {duplicates[0]!r} is used twice; name them apart with --source NAME=INPUT")
+    if (tokenizer is None) == (train_vocab_size is None):
+        raise NITPError("pass exactly one of --tokenizer DIR (a local Hugging Face tokenizer) "
+                        "and --train-tokenizer VOCAB_SIZE")
+    if val_tokens is not None:
+        if val_tokens < 0:
+            raise NITPError(f"--val-tokens {val_tokens} is negative; pass 0 or more")
+    elif not 0.0 <= val_fraction < 1.0:
+        raise NITPError(f"--val-fraction {val_fraction} is outside [0, 1); pass e.g. 0.005")
+    if dtype not in ("auto", *DTYPES):
+        raise NITPError(f"--dtype {dtype!r} is not one of auto, uint16, uint32")
+    if shard_tokens < 1:
+        raise NITPError(f"shard_tokens {shard_tokens} must be positive")
+
+
+def _prepare_into(tmp_dir: Path, specs: list[SourceSpec], args: dict, text_key: str, num_workers: int | None,
+                  progress: bool, tokenizer_train_bytes: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    tokenizer, tokenizer_source = _tokenizer_for(specs, args, text_key, tokenizer_train_bytes)
+    tokenizer_dir = save_tokenizer(tokenizer, tmp_dir / "tokenizer")
+    vocab_size = vocab_size_of(tokenizer)
+    dtype = _choose_dtype(args["dtype"], vocab_size)
+    eos_id = int(tokenizer.eos_token_id)
+    del tokenizer  # workers load tokenizer.json themselves
+
+    writers = {(split, s.name): ShardWriter(tmp_dir / split / s.name, dtype, args["shard_tokens"])
+               for split in SPLITS for s in specs}
+    read_stats = {s.name: ReadStats() for s in specs}
+    total_weight = sum(s.weight for s in specs)
+    with _Encoder(tokenizer_dir / "tokenizer.json", eos_id, dtype, num_workers) as encoder, \
+            _Progress(progress) as bar:
+        tokenize_started = time.perf_counter()
+        for index, spec in enumerate(specs):
+            bar.start_source(spec.name)
+            splitter = _Splitter(args, index, spec.weight / total_weight)
+            documents = iter_documents(spec, text_key, read_stats[spec.name])
+            for tokens, lengths in encoder.encode(_text_batches(documents)):
+                to_val = splitter.assign(lengths)
+                _append_documents(writers[("train", spec.name)], tokens, lengths, ~to_val)
+                _append_documents(writers[("val", spec.name)], tokens, lengths, to_val)
+                bar.advance(len(lengths), len(tokens))
+            _check_source(spec, read_stats[spec.name], writers)
+        tokenize_seconds = time.perf_counter() - tokenize_started
+
+    splits = {}
+    for split in SPLITS:
+        per_source = {name: writers[(split, name)].close(tmp_dir) for name in [s.name for s in specs]}
+        splits[split] = {"tokens": sum(p["tokens"] for p in per_source.values()),
+                         "documents": sum(p["documents"] for p in per_source.values()),
+                         "sources": per_source}
+    total_tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+    manifest = {
+        "format": "nitp-ds-tokens",
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": {"source": tokenizer_source, "dir": "tokenizer", "sha256": tokenizer_sha256(tokenizer_dir),
+                      "vocab_size": vocab_size, "eos_token_id": eos_id},
+        "vocab_size": vocab_size,
+        "eos_token_id": eos_id,
+        "dtype": np.dtype(dtype).name,
+        "sources": [{**asdict(s), "read": {k: v for k, v in asdict(read_stats[s.name]).items()}} for s in specs],
+        "splits": splits,
+        "args": args,
+        "timing": {"seconds": round(time.perf_counter() - started, 3),
+                   "tokenize_seconds": round(tokenize_seconds, 3),
+                   "tokens_per_second": round(total_tokens / max(tokenize_seconds, 1e-9))},
+    }
+    (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _tokenizer_for(specs, args, text_key, train_bytes):
+    if args["tokenizer"] is not None:
+        return load_tokenizer(args["tokenizer"]), str(Path(args["tokenizer"]).resolve())
+    budget = train_bytes // len(specs)  # every source gets its share of the training text
+
+    def sample() -> Iterator[str]:
+        for spec in specs:
+            used = 0
+            for text in iter_documents(spec, text_key, ReadStats()):
+                yield text
+                used += len(text)
+                if used >= budget:
+                    break
+
+    vocab = args["train_vocab_size"]
+    return train_tokenizer(sample(), vocab), f"trained byte-level BPE, vocab {vocab}"
+
+
+def _choose_dtype(asked: str, vocab_size: int):
+    if asked == "auto":
+        return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    limit = np.iinfo(DTYPES[asked]).max + 1
+    if vocab_size > limit:
+        raise NITPError(f"vocabulary of {vocab_size} tokens does not fit --dtype {asked} (at most {limit}); "
+                        "use --dtype uint32 or auto")
+    return DTYPES[asked]
+
+
+def _check_source(spec: SourceSpec, stats: ReadStats, writers) -> None:
+    if stats.documents == 0:
+        raise NITPError(f"source {spec.name!r} ({spec.input}) has no documents (empty corpus: files empty or blank); "
+                        "add text or drop that --source")
+    if writers[("train", spec.name)].tokens == 0:
+        raise NITPError(f"source {spec.name!r} has no training documents after the val split; "
+                        "lower --val-fraction / --val-tokens or add data")
+
+
+def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():  # only reached with force
+        old = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing: batches of text -> a pool of processes -> (flat tokens with EOS, document lengths)
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for text in documents:
+        batch.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+_worker_state: dict[str, Any] = {}
+
+
+def _worker_init(tokenizer_json: str, eos_id: int, dtype) -> None:
+    from tokenizers import Tokenizer
+
+    _worker_state.update(tokenizer=Tokenizer.from_file(tokenizer_json), eos_id=eos_id, dtype=dtype)
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    tokenizer, eos_id = _worker_state["tokenizer"], _worker_state["eos_id"]
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    flat: list[int] = []
+    lengths = np.empty(len(encodings), dtype=np.int64)
+    for i, encoding in enumerate(encodings):
+        ids = encoding.ids
+        flat.extend(ids)
+        flat.append(eos_id)
+        lengths[i] = len(ids) + 1
+    return np.array(flat, dtype=_worker_state["dtype"]), lengths
+
+
+class _Encoder:
+    """A pool of tokenizer processes (in-process when num_workers <= 1), results in input order."""
+
+    def __init__(self, tokenizer_json: Path, eos_id: int, dtype, num_workers: int | None):
+        self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+        self.init_args = (str(tokenizer_json), eos_id, dtype)
+        self.pool = None
+
+    def __enter__(self) -> "_Encoder":
+        if self.num_workers > 1:
+            # One process per core; each encodes sequentially, so the Rust thread pool stays off.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            self.pool = multiprocessing.get_context("fork").Pool(self.num_workers, _worker_init, self.init_args)
+        else:
+            _worker_init(*self.init_args)
+        return self
+
+    def encode(self, batches: Iterator[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.pool is None:
+            return map(_encode_batch, batches)
+        return self.pool.imap(_encode_batch, batches)
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting documents into train and val
+# ---------------------------------------------------------------------------------------------
+
+
+class _Splitter:
+    """Decides, per document, whether it goes to val; the decision depends only on seed, source, number."""
+
+    def __init__(self, args: dict, source_index: int, share: float):
+        self.seed, self.source_index, self.next_doc = args["seed"], source_index, 0
+        self.val_tokens = args["val_tokens"]
+        self.fraction = args["val_fraction"] if self.val_tokens is None else VAL_TOKENS_PICK
+        self.quota = math.ceil(self.val_tokens * share) if self.val_tokens is not None else None
+
+    def assign(self, lengths: np.ndarray) -> np.ndarray:
+        numbers = np.arange(self.next_doc, self.next_doc + len(lengths), dtype=np.uint64)
+        self.next_doc += len(lengths)
+        to_val = document_uniforms(self.seed, self.source_index, numbers) < self.fraction
+        if self.quota is not None:
+            candidate_tokens = np.where(to_val, lengths, 0)
+            before = np.cumsum(candidate_tokens) - candidate_tokens
+            to_val &= before < self.quota
+            self.quota = max(0, self.quota - int(candidate_tokens[to_val].sum()))
+        return to_val
+
+
+def document_uniforms(seed: int, source_index: int, numbers: np.ndarray) -> np.ndarray:
+    """A uniform in [0, 1) per document number: splitmix64 of (seed, source, number)."""
+    with np.errstate(over="ignore"):
+        x = numbers.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + source_index * 0xD1B54A32D192ED03)
+                                                  & 0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: one stream of shards per (split, source)
+# ---------------------------------------------------------------------------------------------
+
+
+def _append_documents(writer: "ShardWriter", tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> None:
+    if not keep.any():
+        return
+    if keep.all():
+        writer.write(tokens, lengths)
+        return
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    picked = np.concatenate([tokens[s:e] for s, e in zip(starts[keep], ends[keep])])
+    writer.write(picked, lengths[keep])
+
+
+class ShardWriter:
+    """Appends documents to numbered shard files, hashing as it goes, and records document offsets."""
+
+    def __init__(self, directory: Path, dtype, shard_tokens: int):
+        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.doc_lengths: list[np.ndarray] = []
+        self.tokens = 0
+        self._file = None
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.doc_lengths.append(lengths)
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            part, tokens = tokens[:room], tokens[room:]
+            data = part.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self.shards[-1]["tokens"] += len(part)
+            self.tokens += len(part)
+
+    def _open_next(self) -> None:
+        self._finish_shard()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{len(self.shards):05d}.bin"
+        self._file = open(self.directory / name, "wb")
+        self._hash = hashlib.sha256()
+        self.shards.append({"file": name, "tokens": 0})
+
+    def _finish_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self.shards[-1]["bytes"] = self.shards[-1]["tokens"] * np.dtype(self.dtype).itemsize
+            self.shards[-1]["sha256"] = self._hash.hexdigest()
+
+    def close(self, root: Path) -> dict[str, Any]:
+        """Finish the last shard, write docs.npy; returns this stream's entry for the manifest."""
+        self._finish_shard()
+        lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        np.save(self.directory / "docs.npy", offsets)
+        rel = self.directory.relative_to(root).as_posix()
+        return {"tokens": self.tokens, "documents": int(len(lengths)), "dir": rel,
+                "doc_index": f"{rel}/docs.npy", "shards": self.shards}
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: documents, tokens, tokens/s (rich)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.documents = self.tokens = 0
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"),
+                                     TextColumn("{task.fields[documents]:,} docs"),
+                                     TextColumn("{task.fields[tokens]:,} tokens"),
+                                     TextColumn("{task.fields[rate]:.2f} M tokens/s"), TimeElapsedColumn())
+            self.progress.__enter__()
+            self.task = self.progress.add_task("tokenizing", documents=0, tokens=0, rate=0.0)
+            self.started = time.perf_counter()
+        return self
+
+    def start_source(self, name: str) -> None:
+        if self.enabled:
+            self.progress.update(self.task, description=f"tokenizing {name}")
+
+    def advance(self, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        if self.enabled:
+            rate = self.tokens / max(time.perf_counter() - self.started, 1e-9) / 1e6
+            self.progress.update(self.task, documents=self.documents, tokens=self.tokens, rate=rate)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.progress.__exit__(*exc)
