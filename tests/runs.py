@@ -27,7 +27,7 @@ TINY = {
 }
 
 STDLIB_MODULES = ["os", "json", "re", "collections", "itertools", "functools", "pathlib", "subprocess", "argparse",
-                  "logging", "typing", "dataclasses", "random", "math", "string", "shutil", "tempfile", "textwrap",
+                  "logging", "dataclasses", "random", "math", "string", "shutil", "tempfile", "textwrap",
                   "inspect", "socket", "threading", "heapq", "csv", "datetime", "decimal", "fractions",
                   "statistics", "unittest", "zipfile", "tarfile", "hashlib", "pickle", "enum", "contextlib", "io",
                   "difflib", "pprint", "glob", "struct", "codecs", "asyncio", "sqlite3", "ast", "traceback"]

@@ -81,21 +81,21 @@ def test_incomplete_checkpoint_is_skipped_and_run_resumes_from_previous(data, re
 
 def test_sigterm_to_launcher_with_two_ranks_saves_exits_0_and_restart_finishes(data, tmp_path):
     run_dir = tmp_path / "run"
-    settings = {"train.steps": 30, "checkpoint.every": 0}
+    settings = {"train.steps": 12, "checkpoint.every": 0}
     proc = runs.start(data, run_dir, nproc=2, **settings)
     runs.wait_until(lambda: runs.logged_step(run_dir) >= 2, proc, timeout=240)
     assert runs.stop(proc, signal.SIGTERM) == 0, (run_dir.parent / "run.log").read_text()[-3000:]
 
     stopped = runs.summary(run_dir)
-    assert stopped["status"] == "preempted" and 2 <= stopped["step"] < 30
+    assert stopped["status"] == "preempted" and 2 <= stopped["step"] < 12
     assert runs.complete(run_dir, stopped["step"]) and runs.latest(run_dir) == f"global_step{stopped['step']}"
 
     result = runs.train(data, run_dir, nproc=2, **settings)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"at step {stopped['step']}" in result.stdout
     done = runs.summary(run_dir)
-    assert done["status"] == "finished" and done["step"] == 30
-    assert [r["step"] for r in runs.records(run_dir)] == list(range(1, 31))
+    assert done["status"] == "finished" and done["step"] == 12
+    assert [r["step"] for r in runs.records(run_dir)] == list(range(1, 13))
 
 
 def test_sigint_with_one_process_saves_and_exits_0(data, tmp_path):
