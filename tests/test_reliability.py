@@ -42,12 +42,13 @@ def test_resume_after_sigkill_gives_identical_losses(data, reference, tmp_path):
     latest_seen = []
 
     def checkpoint_3_done() -> bool:
+        done = runs.complete(run_dir, 3)  # read first: `latest` is replaced only after the meta is written
         latest = run_dir / "checkpoints" / "latest"
         if latest.exists():  # whenever `latest` exists it names a complete checkpoint
             tag = latest.read_text().strip()
             latest_seen.append(tag)
             assert (run_dir / "checkpoints" / tag / "nitp_meta.json").is_file(), tag
-        return runs.complete(run_dir, 3)
+        return done and bool(latest_seen)
 
     runs.wait_until(checkpoint_3_done, proc)
     assert runs.stop(proc, signal.SIGKILL) == -signal.SIGKILL
