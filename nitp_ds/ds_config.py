@@ -69,6 +69,12 @@ def derive_ds_config(raw: dict[str, Any], cfg: Config, *, world_size: int, num_e
         raise NITPError('ds_config enables bf16 but this accelerator has no bf16 support (CPU?); set '
                         '"bf16": {"enabled": "auto"} or use ds_configs/zero3_moe_cpu.json')
 
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        # One data-parallel rank has nothing to partition parameters across: keeping every parameter
+        # resident skips ZeRO-3's gather/release around each module (docs/benchmarks.md measures it).
+        # With several ranks, DeepSpeed's default (1e5 elements) keeps only small parameters resident.
+        zero["stage3_param_persistence_threshold"] = 10**12 if world_size == 1 else 100_000
     ep = ds.get("expert_parallel")
     if ep is not None and ep.get("enabled", False):
         _check_expert_parallel(ep, cfg, world_size=world_size, num_experts=num_experts, model_type=model_type)

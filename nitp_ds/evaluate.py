@@ -49,15 +49,22 @@ def evaluate(source: str | Path, data_dir: Any, *, batches: int = 20, seq_len: i
     if batches < 1 or batch_size < 1 or sample_tokens < 2:
         raise NITPError(f"batches ({batches}) and batch_size ({batch_size}) must be >= 1 and sample_tokens "
                         f"({sample_tokens}) >= 2")
+    if out_json is not None and Path(out_json).is_dir():
+        raise NITPError(f"--out {out_json} is a directory; pass the path of the JSON file to write")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    data = open_validation_data(data_dir)  # before the model: a wrong --data fails in a second
     model, info = load_model(source, dtype=dtype)
     model.to(device)
     lm_config = model.lm.config
+    if data.vocab_size > lm_config.vocab_size:
+        raise NITPError(f"the data in {data_dir} has a vocabulary of {data.vocab_size} tokens but the model in "
+                        f"{source} has {lm_config.vocab_size}; evaluate on data prepared with the model's tokenizer "
+                        "(nitp prepare-data --tokenizer DIR)")
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, getattr(lm_config, "max_position_embeddings", DEFAULT_SEQ_LEN))
-    stream = validation_batches(data_dir, seq_len, batch_size, batches, seed)
+    stream = validation_batches(data, seq_len, batch_size, batches, seed)
     totals = run_batches(model, stream, lm_config.vocab_size, sample_tokens, batches, seed, per_layer, device)
     if totals["tokens"] == 0:
         raise NITPError(f"validation split of {data_dir} gave no tokens to score; prepare data with a val split "
@@ -76,9 +83,9 @@ def evaluate(source: str | Path, data_dir: Any, *, batches: int = 20, seq_len: i
         results.update({f"val/{k}": v for k, v in expert_load_stats(totals["load"]).items()})
     results.update(geometry(totals["states"], sample_tokens))
     if out_json is not None:
-        path = Path(out_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        from nitp_ds.checkpoint.state import atomic_write_text
+
+        atomic_write_text(Path(out_json), json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -167,7 +174,9 @@ def nitp_settings(meta: dict[str, Any], path: Path, config) -> dict[str, Any] | 
 def load_language_model(path: Path, config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    if any((path / name).is_file() for name in HF_WEIGHT_FILES):
+    # from_pretrained only for a full Hugging Face directory: on `nitp convert` output (no config.json)
+    # transformers 5.22 fails looking for a generation config, so those weights are loaded by hand below.
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHT_FILES):
         lm, loading = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
                                                            output_loading_info=True)
         missing = sorted(loading.get("missing_keys") or [])
@@ -215,15 +224,19 @@ def load_head(head: torch.nn.Module, file: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def validation_batches(data_dir: Any, seq_len: int, batch_size: int, batches: int,
+def open_validation_data(data_dir: Any):
+    """The prepared data directory (opened and checked), or `data_dir` itself when it is already open."""
+    from nitp_ds.data.dataset import open_data
+
+    return open_data(data_dir) if isinstance(data_dir, (str, Path)) else data_dir
+
+
+def validation_batches(data: Any, seq_len: int, batch_size: int, batches: int,
                        seed: int) -> Iterable[dict[str, torch.Tensor]]:
     """Up to `batches` fixed validation batches {"input_ids", "labels"} from the prepared data."""
-    try:
-        from nitp_ds.data.dataset import TokenLoader, open_data
-    except ImportError as exc:
-        raise NITPError(f"the data loader (nitp_ds.data.dataset) is not available: {exc}") from None
-    data = open_data(data_dir) if isinstance(data_dir, (str, Path)) else data_dir
-    return TokenLoader(data, "val", seq_len, batch_size, seed=seed).val_batches(batches)
+    from nitp_ds.data.dataset import TokenLoader
+
+    return TokenLoader(open_validation_data(data), "val", seq_len, batch_size, seed=seed).val_batches(batches)
 
 
 def run_batches(model, stream: Iterable[dict[str, torch.Tensor]], vocab_size: int, sample_tokens: int,

@@ -64,14 +64,75 @@ def free_port() -> int:
 
 
 def ensure_dist_env() -> None:
-    """A single process started without a launcher still gets a 1-process group."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    """RANK/WORLD_SIZE/LOCAL_RANK for this process, whatever started it.
+
+    The deepspeed launcher (local, pdsh, --no_ssh) and MPICH set them. OpenMPI's mpirun (`deepspeed
+    --launcher openmpi`) sets only OMPI_COMM_WORLD_*: mapped here, since DeepSpeed's own mapping needs
+    mpi4py and would come too late (the trainer needs its rank before the process group exists). A single
+    process started without a launcher gets a 1-process group.
+    """
+    if "RANK" in os.environ:
+        return
+    if "OMPI_COMM_WORLD_RANK" in os.environ:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise NITPError(f"started by mpirun without {' and '.join(missing)}; export MASTER_ADDR=<address of "
+                            "the first node> and MASTER_PORT=<free port> to every rank (e.g. in .deepspeed_env)")
+        os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
+                          LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
 
 
 def world() -> tuple[int, int, int]:
+    """(global rank, world size, local rank). Only the global rank says "rank 0": on the second of two nodes
+    with one process each, LOCAL_RANK is 0 and RANK is 1."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def start_process_group() -> None:
+    """Join the process group before anything can fail, so that ranks can agree on start-up errors."""
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world()[2])  # object collectives on NCCL use the current device
+    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+def on_every_rank(exc: NITPError) -> NITPError:
+    """Mark an error that every rank raises alike: global rank 0 shows it, the other ranks exit quietly."""
+    exc.raised_on_every_rank = True
+    return exc
+
+
+def agree_on_errors(start):
+    """Run `start()` on every rank; if it fails on any rank, every rank stops (none is left waiting in a
+    collective) and global rank 0 shows each distinct error once, naming the ranks when not all had it."""
+    import torch.distributed as dist
+
+    try:
+        result, error = start(), None
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised below
+        result, error = None, exc
+    mine = None if error is None else str(error) if isinstance(error, NITPError) else f"{type(error).__name__}: {error}"
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, mine)
+    failed: dict[str, list[int]] = {}
+    for rank, message in enumerate(messages):
+        if message is not None:
+            failed.setdefault(message, []).append(rank)
+    if not failed:
+        return result
+    if error is not None and not isinstance(error, NITPError):
+        raise error  # not bad input but a bug: its traceback on the rank that hit it
+    if len(failed) == 1 and len(next(iter(failed.values()))) == len(messages):
+        text = next(iter(failed))
+    else:
+        text = "; ".join(f"on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {len(messages)}: "
+                         f"{message}" for message, ranks in failed.items())
+    raise on_every_rank(NITPError(text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +150,13 @@ class RunState:
     last: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class StepResult:
+    parts: dict[str, torch.Tensor] | None  # the step's loss parts (device tensors); None when it was skipped
+    nonfinite: int  # micro-batches with a non-finite loss, summed over ranks
+    stop: bool  # some rank was asked to stop (SIGTERM/SIGINT)
+
+
 def run_identity(cfg: Config) -> dict[str, Any]:
     """What makes a run directory belong to a config: changing these needs a new out_dir or --force."""
     d = to_dict(cfg)
@@ -96,6 +164,8 @@ def run_identity(cfg: Config) -> dict[str, Any]:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path, force: bool, rank: int) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NITPError(f"train.out_dir {run_dir} is a file, not a directory; choose another train.out_dir")
     resolved = run_dir / RESOLVED
     if resolved.exists() and not force:
         previous = from_dict(read_yaml(resolved))
@@ -106,6 +176,32 @@ def prepare_run_dir(cfg: Config, run_dir: Path, force: bool, rank: int) -> None:
     elif run_dir.exists() and any(run_dir.iterdir()) and not resolved.exists() and not force:
         raise NITPError(f"{run_dir} exists and is not an nitp run directory; choose another train.out_dir "
                         "or pass --force")
+
+
+def check_pretrained_fits(hf_config, cfg: Config, data) -> None:
+    """A model.pretrained directory brings its own vocabulary and context length; the data must fit both."""
+    where = cfg.model.pretrained
+    if data.vocab_size > hf_config.vocab_size:
+        raise NITPError(f"model.pretrained {where} has a vocabulary of {hf_config.vocab_size} tokens but the data in "
+                        f"{cfg.data.path} uses {data.vocab_size}; prepare the data with that model's tokenizer "
+                        "(nitp prepare-data --tokenizer DIR)")
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise NITPError(f"data.seq_len ({cfg.data.seq_len}) exceeds the {limit} positions of model.pretrained "
+                        f"{where}; lower data.seq_len")
+
+
+def build_lm(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    """The Hugging Face model to train, built from the recipe or loaded from model.pretrained."""
+    from nitp_ds.models import build_model
+
+    lm = build_model(cfg.model, vocab_size)
+    # from_pretrained returns a model in eval mode, where Hugging Face layers skip activation checkpointing
+    # (and dropout) until the first evaluation switches them back: train from the first step.
+    lm.train()
+    if cfg.train.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
 
 
 class Trainer:
@@ -119,14 +215,22 @@ class Trainer:
         self.state = RunState()
         self.force = force
         self.ds_raw = load_ds_config(ds_config_path)
+        # A --resume path is checked now, before the run directory is written; --force starts afresh.
+        self.resume_from = None if force else ckpt.explicit_resume(cfg.checkpoint.resume)
 
         from nitp_ds.data.dataset import TokenLoader, check_vocab, open_data
 
         self.data = open_data(cfg.data.path)
-        vocab = cfg.model.vocab_size or self.data.vocab_size
-        check_vocab(self.data, vocab)
-        self.vocab_size = vocab
-        self.hf_config = self._hf_config()
+        if cfg.model.pretrained:
+            from nitp_ds.models import load_pretrained_config
+
+            self.hf_config = load_pretrained_config(cfg.model.pretrained)
+            self.vocab_size = self.hf_config.vocab_size
+            check_pretrained_fits(self.hf_config, cfg, self.data)
+        else:
+            self.vocab_size = cfg.model.vocab_size or self.data.vocab_size
+            check_vocab(self.data, self.vocab_size)
+            self.hf_config = self._hf_config()
         from nitp_ds.models import num_experts
 
         self.ds_config = derive_ds_config(self.ds_raw, cfg, world_size=self.world_size,
@@ -134,6 +238,9 @@ class Trainer:
         self.loader = TokenLoader(self.data, "train", cfg.data.seq_len, cfg.train.micro_batch_size,
                                   dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed,
                                   weights=cfg.data.weights or None)
+        # Evaluation runs at the end of every run: refuse a too-small val split now, not after training.
+        TokenLoader(self.data, "val", cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank=self.rank,
+                    dp_world_size=self.world_size, seed=cfg.train.seed)
 
     def _hf_config(self):
         from nitp_ds.models import build_hf_config
@@ -144,7 +251,6 @@ class Trainer:
 
     def build(self) -> None:
         from nitp_ds.engine import build_engine
-        from nitp_ds.models import build_model
         from nitp_ds.nitp import NITPModel
 
         cfg = self.cfg
@@ -153,15 +259,13 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
-        lm = build_model(cfg.model, self.vocab_size)
-        if cfg.train.activation_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = build_lm(cfg, self.vocab_size)
         target_layer = cfg.target_layer if cfg.model.pretrained is None else (
             cfg.nitp.target_layer if cfg.nitp.target_layer is not None
             else max(1, round(0.2 * lm.config.num_hidden_layers)))
         if not 0 <= target_layer < lm.config.num_hidden_layers:
-            raise NITPError(f"nitp.target_layer ({target_layer}) must be in [0, {lm.config.num_hidden_layers - 1}] "
-                            f"for the {lm.config.num_hidden_layers}-layer model in {cfg.model.pretrained}")
+            raise on_every_rank(NITPError(f"nitp.target_layer ({target_layer}) must be in [0, {lm.config.num_hidden_layers - 1}] "
+                            f"for the {lm.config.num_hidden_layers}-layer model in {cfg.model.pretrained}"))
         self.target_layer = target_layer
         aux_group = None
         if cfg.moe.aux_loss_scope == "global" and self.world_size > 1:
@@ -192,7 +296,7 @@ class Trainer:
             if tag_dir is None:
                 return
         else:
-            tag_dir = ckpt.resolve_checkpoint(mode)
+            tag_dir = self.resume_from
         universal = (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
         if universal:
             self.engine._config.load_universal_checkpoint = True
@@ -204,6 +308,7 @@ class Trainer:
         client = client or {}
         self.state.step = int(client.get("step", 0))
         self.state.consumed_tokens = int(client.get("consumed_tokens", 0))
+        self.state.skipped_steps = int(client.get("skipped", 0))  # not "skipped_steps": DeepSpeed's own key
         if "loader" in client:
             self.loader.load_state_dict(client["loader"])
         if "rng" in client:
@@ -218,7 +323,7 @@ class Trainer:
             shutil.rmtree(tag_dir)  # a leftover from an interrupted save of this same step
         self.barrier()
         client = {"step": step, "consumed_tokens": self.state.consumed_tokens,
-                  "loader": self.loader.state_dict(), "rng": capture_rng()}
+                  "skipped": self.state.skipped_steps, "loader": self.loader.state_dict(), "rng": capture_rng()}
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
             ok = 1
@@ -230,8 +335,9 @@ class Trainer:
         if not ok:
             if self.is_main:
                 shutil.rmtree(tag_dir, ignore_errors=True)
-            raise NITPError(f"checkpoint save to {tag_dir} failed on at least one rank (disk full or unwritable?); "
-                            "the previous checkpoint is intact — free space or fix permissions and resume")
+            raise on_every_rank(NITPError(
+                f"checkpoint save to {tag_dir} failed on at least one rank (disk full or unwritable?); "
+                "the previous checkpoint is intact — free space or fix permissions and resume"))
         if self.is_main:
             ckpt.mark_complete(tag_dir, self.checkpoint_meta(step))
             ckpt.update_latest(self.ckpt_dir, tag)
@@ -263,6 +369,13 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return int(flag.item())
 
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(values)
+        return values
+
     def all_mean(self, values: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
@@ -270,6 +383,27 @@ class Trainer:
             dist.all_reduce(values)
             values = values / self.world_size
         return values
+
+    def check_shared_run_dir(self) -> None:
+        """Every rank must see what rank 0 writes in the run directory: all ranks write their checkpoint shards
+        there, and rank 0 alone marks checkpoints complete. A node-local disk would resume ranks differently.
+        Checked before the model is built, so that a wrong set-up fails in seconds."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        name = [f".shared-check-{os.urandom(6).hex()}" if self.is_main else None]
+        if self.is_main:
+            (self.run_dir / name[0]).touch()
+        dist.broadcast_object_list(name, src=0)  # a fresh name: no cached directory entry can answer for it
+        seen: list[bool | None] = [None] * self.world_size
+        dist.all_gather_object(seen, (self.run_dir / name[0]).exists())
+        if self.is_main:
+            (self.run_dir / name[0]).unlink()
+        if not all(seen):
+            raise on_every_rank(NITPError(
+                f"train.out_dir {self.run_dir} is not shared: some rank cannot see what rank 0 writes there "
+                "(a node-local disk?); put it on a filesystem that every node mounts at the same path"))
 
     def log_info(self, text: str) -> None:
         if self.is_main:
@@ -291,31 +425,47 @@ class Trainer:
     def batch_to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self) -> dict[str, torch.Tensor] | None:
-        """One optimizer step over grad_accum micro-batches; None when the step was skipped (non-finite)."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches, or a skipped one.
+
+        Every rank runs forward and backward on every micro-batch, finite or not: ZeRO-3 and AutoEP keep the
+        ranks in lockstep through collectives inside both passes. Then one small all-reduce counts the
+        non-finite losses of all ranks and micro-batches and the ranks asking to stop: the loop's only wait
+        on the device in a step (DeepSpeed's step has its own). If any loss was non-finite, the window's
+        gradients are dropped and the optimizer, the lr schedule and the step count stay where they were;
+        the data has moved on, so the step is retried on new batches.
+        """
         engine, accum = self.engine, self.cfg.train.grad_accum
+        attempt = self.state.step + self.state.skipped_steps + 1  # for the fault hook: skipped steps count
         totals: dict[str, torch.Tensor] = {}
         load = None
-        for _ in range(accum):
+        nonfinite = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(1, accum + 1):
             batch = self.batch_to_device(next(self.loader))
             loss = engine(batch["input_ids"], batch["labels"])
-            if fault_nan(self.state.step + self.state.skipped_steps + 1):  # the attempt, not the step: a skipped step is retried
+            if fault_nan(attempt, micro):
                 loss = loss * float("nan")
-            finite = self.all_min(int(torch.isfinite(loss).item()))
-            if not finite:
-                # Nothing reaches the optimizer: backward and step are skipped on every rank.
-                return None
-            engine.backward(loss)
-            engine.step()
+            nonfinite += (~torch.isfinite(loss.detach())).float()
             for key, value in engine.loss_parts.items():
                 if key == "load":
                     load = value if load is None else load + value
                 else:
                     totals[key] = totals.get(key, 0) + value.float() / accum
-            self.state.consumed_tokens += batch["input_ids"].numel() * self.world_size
+            tokens += batch["input_ids"].numel() * self.world_size
+            engine.backward(loss)
+            if micro < accum:
+                engine.step()  # inside the window: DeepSpeed only counts the micro-batch
+        flags = torch.stack([nonfinite, torch.tensor(float(self.state.stop_requested), device=self.device)])
+        bad, stopping = self.all_sum(flags).tolist()
+        if bad:
+            discard_gradients(engine)
+            return StepResult(None, int(bad), stopping > 0)
+        engine.step()
+        self.state.consumed_tokens += tokens
         if load is not None and load.numel():
             totals["load"] = load
-        return totals
+        return StepResult(totals, 0, stopping > 0)
 
     def evaluate(self) -> dict[str, float]:
         from nitp_ds.data.dataset import TokenLoader
@@ -347,6 +497,7 @@ class Trainer:
             import json
 
             ckpt.atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
+        self.check_shared_run_dir()
         self.build()
         self.barrier()
         self.resume()
@@ -360,18 +511,22 @@ class Trainer:
         first_loss = None
         status = "finished"
         while self.state.step < cfg.train.steps:
-            parts = self.train_step()
+            result = self.train_step()
+            parts = result.parts
             if parts is None:
                 self.state.bad_steps += 1
                 self.state.skipped_steps += 1
-                self.log_warning(f"warning: step {self.state.step + 1} has a non-finite loss on some rank; skipped "
+                micro_batches = cfg.train.grad_accum * self.world_size
+                self.log_warning(f"warning: step {self.state.step + 1} has a non-finite loss ({result.nonfinite} of "
+                                 f"{micro_batches} micro-batches); skipped "
                                  f"({self.state.bad_steps}/{cfg.train.max_bad_steps} in a row)")
                 if self.state.bad_steps >= cfg.train.max_bad_steps:
                     logger.close()
-                    raise NITPError(f"{self.state.bad_steps} consecutive steps had a non-finite loss; stopping. The "
-                                    f"newest checkpoint in {self.ckpt_dir} is from before the trouble — lower optim.lr "
-                                    "or check the data, then resume")
-                continue
+                    raise on_every_rank(NITPError(
+                        f"{self.state.bad_steps} consecutive steps had a non-finite loss; stopping. The newest "
+                        f"checkpoint in {self.ckpt_dir} is from before the trouble — lower optim.lr or check the "
+                        "data, then resume"))
+                continue  # a stop request is still pending on its rank: the next step's all-reduce carries it
             self.state.bad_steps = 0
             self.state.step += 1
             for key, value in parts.items():
@@ -389,8 +544,7 @@ class Trainer:
                 interval, interval_steps, interval_start = {}, 0, time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 self.log_eval(logger, step)
-            stop = self.all_min(0 if self.state.stop_requested else 1) == 0
-            if stop:
+            if result.stop:
                 status = "preempted"
                 self.log_info(f"stop requested at step {step}: saving a checkpoint and exiting")
                 self.save()
@@ -442,6 +596,7 @@ class Trainer:
         record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         record["tokens_per_s"] = tokens_per_step * steps / max(seconds, 1e-9)
         record["consumed_tokens"] = self.state.consumed_tokens
+        record["skipped_steps"] = self.state.skipped_steps
         if flops_per_token and peak:
             record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * self.world_size)
         if torch.cuda.is_available():
@@ -488,19 +643,49 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def fault_nan(step: int) -> bool:
-    """Test hook: NITP_FAULT_NAN_STEPS=3,4 makes the loss of the 3rd and 4th step attempts NaN (skip-and-stop).
+def fault_nan(attempt: int, micro_batch: int = 1) -> bool:
+    """Test hook: NITP_FAULT_NAN_STEPS makes chosen losses NaN (skip-and-stop tests).
 
-    Attempts count skipped steps too, so "3" skips one step and training goes on, while "3,4,5" is three bad
-    steps in a row.
+    Each comma-separated entry is a step attempt, "3" (every micro-batch of the 3rd attempt) or "3:2" (only
+    its 2nd micro-batch, 1-based). Attempts count skipped steps too, so "3" skips one step and training goes
+    on, while "3,4,5" is three bad steps in a row.
     """
     spec = os.environ.get("NITP_FAULT_NAN_STEPS")
-    return bool(spec) and str(step) in spec.split(",")
+    if not spec:
+        return False
+    entries = spec.split(",")
+    return str(attempt) in entries or f"{attempt}:{micro_batch}" in entries
+
+
+def discard_gradients(engine) -> None:
+    """End an accumulation window without an optimizer step: drop its gradients, keep DeepSpeed's count of
+    micro-batches in step, leave the optimizer, the lr schedule and DeepSpeed's step counter untouched."""
+    optimizer = engine.optimizer
+    clean_up = getattr(optimizer, "_overflow_clean_up", None)
+    if clean_up is not None:
+        # ZeRO-3's own discard after an fp16 overflow: gradients, partitioned buffers, accumulation counter.
+        clean_up(getattr(optimizer, "loss_scale", 1.0))
+    elif hasattr(optimizer, "zero_grad"):
+        optimizer.zero_grad(set_to_none=True)
+    engine.zero_grad()
+    engine.micro_steps += 1  # the window's last micro-batch, which engine.step() would have counted
 
 
 def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> dict[str, Any]:
     ensure_dist_env()
-    rank = world()[0]
-    prepare_run_dir(cfg, Path(cfg.train.out_dir), force, rank)
-    trainer = Trainer(cfg, ds_config_path, force=force)
-    return trainer.run()
+    start_process_group()
+
+    def start() -> Trainer:
+        prepare_run_dir(cfg, Path(cfg.train.out_dir), force, world()[0])
+        return Trainer(cfg, ds_config_path, force=force)
+
+    try:
+        return agree_on_errors(start).run()
+    except NITPError:
+        # Every rank stops here together; leaving the group first spares rank 0 an abort at exit
+        # ("terminate called without an active exception") that would replace exit code 2.
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise

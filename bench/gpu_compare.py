@@ -1,0 +1,163 @@
+"""`nitp train` against plain Hugging Face + DeepSpeed ZeRO-3, on the GPU performance issue's shapes.
+
+Usage (one device call runs the whole table):
+    python bench/gpu_compare.py --data DIR [--shapes A B] [--steps 20] [--variants baseline ntp nitp ...]
+        [--profile] [--out DIR]
+
+Every variant runs in a fresh child process on the same device, one after the other:
+- `baseline`: the stock model under `deepspeed.initialize` (ZeRO-3, bf16, fused torch AdamW), loss =
+  the model's own CE + 0.001 · its router aux loss, random tokens: what a user gets without nitp-ds.
+- `ntp`: `nitp train` with λ = 0 and no head; `nitp`: `nitp train` with the default SwiGLU head, λ = 1.
+- further `nitp` variants change the recipe (`--set`) or the ds_config (see VARIANTS).
+Tokens/s is the median of the logged intervals after the first (warm-up); MFU counts active parameters
+(nitp_ds.metrics.flops_per_token, the issue's formula) at the device's bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The issue's reference shapes (HF Qwen3-MoE, bf16, ZeRO-3, one GPU).
+SHAPES = {
+    "A": {"model.hidden_size": 1024, "model.num_layers": 16, "model.num_heads": 16, "model.num_kv_heads": 4,
+          "model.head_dim": 64, "model.num_experts": 32, "model.experts_per_token": 4,
+          "model.moe_intermediate_size": 512, "model.intermediate_size": 4096, "model.vocab_size": 32000,
+          "model.max_seq_len": 2048, "data.seq_len": 2048, "train.micro_batch_size": 8, "nitp.target_layer": 3},
+    "B": {"model.hidden_size": 2048, "model.num_layers": 4, "model.num_heads": 16, "model.num_kv_heads": 4,
+          "model.head_dim": 128, "model.num_experts": 128, "model.experts_per_token": 8,
+          "model.moe_intermediate_size": 768, "model.intermediate_size": 6144, "model.vocab_size": 151936,
+          "model.max_seq_len": 4096, "data.seq_len": 4096, "train.micro_batch_size": 2, "nitp.target_layer": 1},
+    # a smoke-test shape that runs on a CPU in seconds (DS_ACCELERATOR=cpu, --ds-config ds_configs/zero3_moe_cpu.json)
+    "tiny": {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+             "model.num_experts": 4, "model.experts_per_token": 2, "model.moe_intermediate_size": 32,
+             "model.intermediate_size": 128, "model.vocab_size": 512, "model.max_seq_len": 128, "data.seq_len": 128,
+             "train.micro_batch_size": 2, "nitp.target_layer": 1},
+}
+
+NTP = {"nitp.head": "none", "nitp.weight": 0.0}
+# name -> (recipe overrides, ds_config overrides merged into zero_optimization / expert_parallel)
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "ntp": (NTP, {}),
+    "nitp": ({}, {}),
+    # ZeRO-3's default: only parameters under 1e5 elements stay resident; the rest are gathered and
+    # released around every module (what the ds_config's "auto" gives with several ranks).
+    "ntp-gather": (NTP, {"zero_optimization": {"stage3_param_persistence_threshold": 100_000}}),
+    "nitp-gather": ({}, {"zero_optimization": {"stage3_param_persistence_threshold": 100_000}}),
+    "nitp-ce32k": ({"train.ce_chunk_tokens": 32768}, {}),
+}
+
+
+def merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def child(cmd: list[str], env: dict, work: Path) -> None:
+    log = work / "child.log"
+    with log.open("w") as f:
+        code = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        text = log.read_text()
+        if os.environ.get("NITP_BENCH_LOGS"):  # keep the first traceback of a failed child for inspection
+            first = text.find("Traceback")
+            Path(os.environ["NITP_BENCH_LOGS"]).write_text(text[max(first, 0):][:60_000])
+        lines = [l for l in text.splitlines() if "warn" not in l.lower()]
+        raise RuntimeError(f"exit {code}: " + " | ".join(lines[-6:]))
+
+
+def run_nitp(args, shape: dict, variant: tuple[dict, dict], work: Path, profile: bool) -> dict:
+    recipe_sets, ds_extra = variant
+    ds = merged(json.loads((REPO / args.ds_config).read_text()), ds_extra)
+    ds_path = work / "ds_config.json"
+    ds_path.write_text(json.dumps(ds))
+    sets = {**shape, "data.path": args.data, "train.out_dir": str(work / "run"), "train.steps": args.steps,
+            "train.eval_every": 0, "checkpoint.every": 0, "checkpoint.resume": "never", "logging.every": 5,
+            "logging.tensorboard": False, "optim.lr": 1e-4, "schedule.warmup_steps": 0, **recipe_sets}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NITP_BENCH_PROFILE": str(work / "profile.txt") if profile else ""}
+    child([sys.executable, str(Path(__file__).with_name("_nitp_child.py")), "recipes/qwen3_moe_small.yaml",
+           str(ds_path), *[f"{k}={v}" for k, v in sets.items()]], env, work)
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("kind") == "train"][1:]
+    result = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+              "mfu": statistics.median(r.get("mfu", float("nan")) for r in train),
+              "memory_gib": max(r.get("memory_gib", 0.0) for r in train), "loss": train[-1]["loss/ntp"]}
+    if profile and (work / "profile.txt").exists():
+        result["profile"] = (work / "profile.txt").read_text()
+    return result
+
+
+def run_baseline(args, shape: dict, work: Path, experts: str | None) -> dict:
+    out = work / "baseline.json"
+    child([sys.executable, str(Path(__file__).with_name("_baseline_child.py")), json.dumps(shape), str(args.steps),
+           str(out), *([experts] if experts else [])], {**os.environ, "PYTHONUNBUFFERED": "1"}, work)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--shapes", nargs="+", default=["A", "B"])
+    parser.add_argument("--variants", nargs="+", default=["baseline", "ntp", "nitp"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ds-config", default="ds_configs/zero3_moe.json")
+    parser.add_argument("--profile", nargs="*", default=[], help="variants to profile (torch.profiler, 3 steps)")
+    parser.add_argument("--out", default=None, help="write results.json (and profiles) here")
+    args = parser.parse_args()
+    out = Path(args.out) if args.out else None
+    table: dict[str, dict[str, dict]] = {}
+    for shape_name in args.shapes:
+        table[shape_name] = {}
+        for variant in args.variants:
+            start = time.time()
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    if variant.startswith("baseline"):  # baseline, baseline-eager, baseline-grouped_mm
+                        experts = variant.split("-", 1)[1] if "-" in variant else None
+                        result = run_baseline(args, SHAPES[shape_name], Path(tmp), experts)
+                    else:
+                        result = run_nitp(args, SHAPES[shape_name], VARIANTS[variant], Path(tmp),
+                                          variant in args.profile)
+                except RuntimeError as exc:
+                    result = {"error": str(exc)[-1500:]}
+            result["wall_s"] = round(time.time() - start, 1)
+            table[shape_name][variant] = result
+            if out:
+                out.mkdir(parents=True, exist_ok=True)
+                if "profile" in result:
+                    (out / f"profile_{shape_name}_{variant}.txt").write_text(result.pop("profile"))
+                (out / "results.json").write_text(json.dumps(table, indent=2))
+            print(f"[{shape_name}/{variant}] {json.dumps({k: v for k, v in result.items() if k != 'profile'})}",
+                  flush=True)
+    print_table(table)
+
+
+def print_table(table: dict[str, dict[str, dict]]) -> None:
+    print(f"\n{'shape':<6}{'variant':<14}{'tokens/s':>11}{'vs base':>9}{'MFU':>7}{'peak GiB':>10}{'loss':>8}")
+    for shape_name, rows in table.items():
+        base = rows.get("baseline", {}).get("tokens_per_s")
+        for name, r in rows.items():
+            if "error" in r:
+                print(f"{shape_name:<6}{name:<14} failed: {r['error'][:300]}")
+                continue
+            ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+            print(f"{shape_name:<6}{name:<14}{r['tokens_per_s']:>11,.0f}{ratio:>9}{100 * r['mfu']:>6.1f}%"
+                  f"{r['memory_gib']:>10.1f}{r['loss']:>8.3f}")
+        ntp, nitp = rows.get("ntp"), rows.get("nitp")
+        if ntp and nitp and "error" not in ntp and "error" not in nitp:
+            print(f"{shape_name:<6}NITP overhead in step time: {100 * (ntp['tokens_per_s'] / nitp['tokens_per_s'] - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
