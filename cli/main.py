@@ -44,7 +44,8 @@ def _register_commands() -> None:
 def main() -> None:
     _register_commands()
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a `typer.Exit`, e.g. the launcher's.
+        code = app(standalone_mode=False)
     except NITPError as exc:
         if os.environ.get("NITP_DEBUG"):
             raise
@@ -58,9 +59,17 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # usage errors from click (typer may vendor its own copy as typer._click)
         kinds = {cls.__name__ for cls in type(exc).__mro__}
+        if "UsageError" in kinds:  # one line, like every other bad input (no arguments at all: the help, shown)
+            message = exc.format_message().strip().rstrip(".")
+            if message:
+                command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "nitp"
+                print(f"error: {message}; see `{command} --help`", file=sys.stderr)
+            sys.exit(2)
         if "ClickException" in kinds:
             exc.show()
-            sys.exit(exc.exit_code if "UsageError" in kinds else 2)
+            sys.exit(2)
         if "Abort" in kinds:
             sys.exit(130)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,15 +36,9 @@ def default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def launcher_command(argv: list[str], nproc: int, num_nodes: int, hostfile: str | None, master_port: int) -> list[str]:
-    cmd = ["deepspeed"]
-    if hostfile:
-        cmd += ["--hostfile", hostfile]
-    if num_nodes > 1:
-        cmd += ["--num_nodes", str(num_nodes)]
-    cmd += ["--num_gpus", str(nproc), "--master_port", str(master_port), "--no_local_rank",
-            "--module", "nitp_ds.cli", "train", *argv]
-    return cmd
+LAUNCHER_OPTIONS = ("--nproc", "--num-gpus", "--num-nodes", "--hostfile", "--node-rank", "--master-addr",
+                    "--master-port")
+LAUNCHER_FLAGS = ("--no-ssh",)
 
 
 @app.command("train")
@@ -57,71 +49,54 @@ def train_command(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and DeepSpeed config, then exit."),
     resume: str = typer.Option(None, "--resume", help="auto (default: newest complete checkpoint), never, or a checkpoint path."),
     nproc: int = typer.Option(None, "--nproc", "--num-gpus", help="Processes per node (default: all GPUs, or 1 on CPU)."),
-    num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (with --hostfile) for the deepspeed launcher."),
-    hostfile: str = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for multi-node runs."),
+    num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes: with --hostfile (pdsh) or with --node-rank (no ssh)."),
+    hostfile: str = typer.Option(None, "--hostfile", help="DeepSpeed hostfile ('host slots=N' per line) for multi-node runs."),
+    node_rank: int = typer.Option(None, "--node-rank", help="This node's rank [0, nodes): start one `nitp train` per node, no ssh (deepspeed --no_ssh)."),
+    master_addr: str = typer.Option(None, "--master-addr", help="Address of node 0, reachable from every node."),
+    master_port: int = typer.Option(None, "--master-port", help="Rendezvous port on node 0 (default: a free port on one node, 29500 on several)."),
+    no_ssh: bool = typer.Option(False, "--no-ssh", help="Same as giving --node-rank: each node starts its own launcher."),
     force: bool = typer.Option(False, "--force", help="Start afresh in a run directory that holds another run."),
 ) -> None:
     """Train a MoE model with NITP under DeepSpeed ZeRO-3 + expert parallelism."""
     from nitp_ds.config import dump_yaml, load_config, validate
 
+    if nproc is not None and nproc < 1:
+        raise NITPError(f"--nproc {nproc} must be at least 1 (processes per node); omit it to use every GPU")
+    if num_nodes < 1:
+        raise NITPError(f"--num-nodes {num_nodes} must be at least 1")
     sets = list(overrides)
     if resume is not None:
         sets.append(f"checkpoint.resume={resume}")
     cfg = validate(load_config(resolve_recipe(config), sets))
 
     if print_config:
-        _print_config(cfg, ds_config, nproc or default_nproc() * max(num_nodes, 1))
+        from nitp_ds.launch import node_count
+
+        _print_config(cfg, ds_config, (nproc or default_nproc()) * node_count(num_nodes, hostfile))
         return
 
     procs = nproc if nproc is not None else default_nproc()
-    if not under_launcher() and (procs > 1 or num_nodes > 1 or hostfile):
-        from nitp_ds.trainer import free_port
+    if no_ssh and node_rank is None:
+        raise NITPError("--no-ssh needs --node-rank: this node's rank in [0, number of nodes)")
+    multinode = num_nodes > 1 or bool(hostfile) or node_rank is not None
+    if not under_launcher() and (procs > 1 or multinode):
+        from nitp_ds.launch import launch
 
-        argv = _forwarded_argv()
-        cmd = launcher_command(argv, procs, num_nodes, hostfile, free_port())
-        env = dict(os.environ)
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-        print("launching: " + shlex.join(cmd), flush=True)
-        # A session of its own: a terminal's Ctrl-C reaches only this process, which forwards it to the ranks.
-        launcher = subprocess.Popen(cmd, env=env, start_new_session=True)
-        forward_stop_signals(launcher)
-        returncode = launcher.wait()
-        raise typer.Exit(returncode if returncode >= 0 else 1)
+        slots = None if hostfile and nproc is None else procs  # a hostfile without --nproc: its slots decide
+        raise typer.Exit(launch(_forwarded_argv(), slots,
+                                num_nodes=num_nodes, hostfile=hostfile, node_rank=node_rank,
+                                master_addr=master_addr, master_port=master_port))
 
     from nitp_ds.trainer import train
 
-    summary = train(cfg, ds_config, force=force)
+    try:
+        summary = train(cfg, ds_config, force=force)
+    except NITPError as exc:
+        if getattr(exc, "raised_on_every_rank", False) and int(os.environ.get("RANK", "0")) != 0:
+            raise typer.Exit(exc.exit_code)  # global rank 0 shows it: once for the whole job
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
-
-
-def forward_stop_signals(launcher: subprocess.Popen) -> None:
-    """SIGTERM/SIGINT to `nitp train` go to the ranks, which save a checkpoint and exit 0 (so do the launchers).
-
-    Not to the launchers themselves: the deepspeed runner has no handler (it would die and orphan the
-    ranks) and deepspeed.launcher.launch terminates the ranks, kills them after 30 s and exits 1.
-    """
-    import signal
-
-    import psutil
-
-    def forward(signum, frame):
-        try:
-            procs = psutil.Process(launcher.pid).children(recursive=True)
-        except psutil.Error:
-            return
-        for proc in procs:
-            try:
-                if "deepspeed.launcher.launch" in " ".join(proc.parent().cmdline()):
-                    proc.send_signal(signum)
-            except psutil.Error:
-                pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
 
 
 def _forwarded_argv() -> list[str]:
@@ -135,8 +110,10 @@ def _forwarded_argv() -> list[str]:
             skip = False
             continue
         name = item.split("=", 1)[0]
-        if name in ("--nproc", "--num-gpus", "--num-nodes", "--hostfile"):
+        if name in LAUNCHER_OPTIONS:
             skip = "=" not in item
+            continue
+        if name in LAUNCHER_FLAGS:
             continue
         out.append(item)
     return out

@@ -81,13 +81,19 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
 
     console = Console(highlight=False)
     out = Path(out)
+    if nproc < 1:
+        raise NITPError(f"--nproc {nproc} must be at least 1 (training processes)")
+    if steps is not None and steps < 1:
+        raise NITPError(f"--steps {steps} must be at least 1 (omit it for the default)")
+    if out.exists() and not out.is_dir():
+        raise NITPError(f"demo output {out} is a file; pass --out a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise NITPError(f"demo output {out} already exists; pass --force to replace it or --out another directory")
     if out.exists() and force:
         import shutil
 
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     steps = steps if steps is not None else (12 if quick else 300)
     timings: dict[str, float] = {}
     gpu = torch.cuda.is_available()

@@ -15,6 +15,9 @@ No DeepSpeed engine is needed; it runs on the GPU when torch sees one, else on t
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+
 import json
 import math
 from pathlib import Path
@@ -171,14 +174,30 @@ def nitp_settings(meta: dict[str, Any], path: Path, config) -> dict[str, Any] | 
     return {"head": nitp["head"], "head_mult": int(nitp.get("head_mult", 4)), "target_layer": int(target)}
 
 
+@contextlib.contextmanager
+def _with_config_json(path: Path, config):
+    """`path` itself when it has a config.json; else a temporary directory of links to its files plus one.
+
+    `nitp convert` writes no config.json, and from_pretrained (transformers 5.22) then fails looking for a
+    generation config beside the weights; from_pretrained is still wanted for its weight-name conversions.
+    """
+    if (path / "config.json").is_file():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="nitp-eval-") as tmp:
+        for item in path.iterdir():
+            (Path(tmp) / item.name).symlink_to(item.resolve())
+        config.save_pretrained(tmp)
+        yield Path(tmp)
+
+
 def load_language_model(path: Path, config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    # from_pretrained only for a full Hugging Face directory: on `nitp convert` output (no config.json)
-    # transformers 5.22 fails looking for a generation config, so those weights are loaded by hand below.
-    if (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHT_FILES):
-        lm, loading = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
-                                                           output_loading_info=True)
+    if any((path / name).is_file() for name in HF_WEIGHT_FILES):
+        with _with_config_json(path, config) as directory:
+            lm, loading = AutoModelForCausalLM.from_pretrained(directory, config=config, local_files_only=True,
+                                                               dtype=dtype, output_loading_info=True)
         missing = sorted(loading.get("missing_keys") or [])
         if missing:
             raise NITPError(f"{path} lacks weights for {len(missing)} parameters (e.g. {missing[0]}); the "

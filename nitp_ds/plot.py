@@ -60,8 +60,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise NITPError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or delete that line (a run "
-                                "killed while writing can leave a truncated last line)") from None
+                raise NITPError(f"{path}:{number} is not valid JSON ({exc.msg} column {exc.colno}); fix or delete "
+                                "that line (a run killed while writing can leave a truncated last line)") from None
             if not isinstance(record, dict) or "step" not in record:
                 raise NITPError(f"{path}:{number} is not a metrics record (a JSON object with a \"step\"); "
                                 "fix or delete that line")
@@ -106,11 +106,17 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
 
     if not run_dirs:
         raise NITPError("no run directories given; pass one or more run directories written by `nitp train`")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NITPError(f"--out {out} is a file; pass a directory for the PNGs")
     runs = [Path(p) for p in run_dirs]
     data = [read_metrics(run) for run in runs]
     labels = run_labels(runs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NITPError(f"cannot create --out {out} ({exc.strerror}: {exc.filename}); "
+                        "pass a writable directory") from None
     written = []
     for figure in FIGURES:
         keys = [key for key in figure.keys if any(series(records, key, figure.kind)[0] for records in data)]

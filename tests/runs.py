@@ -10,6 +10,7 @@ import inspect
 import importlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -78,11 +79,31 @@ def train(data: Path, run_dir: Path, *, env: dict[str, str] | None = None, timeo
                           capture_output=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
-def start(data: Path, run_dir: Path, *, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    """Start `nitp train` in the background, its output in run_dir's sibling `<name>.log`."""
-    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+def start(data: Path, run_dir: Path, *, env: dict[str, str] | None = None, log: Path | None = None,
+          **kw) -> subprocess.Popen:
+    """Start `nitp train` in the background, its output in `log` (default: run_dir's sibling `<name>.log`)."""
+    out = open(log or run_dir.parent / f"{run_dir.name}.log", "w")
     return subprocess.Popen(train_args(data, run_dir, **kw), env=child_env(**(env or {})), cwd=REPO, text=True,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def node_args(node_rank: int, port: int, nodes: int = 2) -> list[str]:
+    """`nitp train` options for one of several nodes simulated on this machine: a launcher per node (--no_ssh)."""
+    return ["--num-nodes", str(nodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
+            "--master-port", str(port)]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> int:
+    """The exit code of a started run; a run still going after `timeout` seconds is killed and fails the test."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):  # the launcher has a session of its own
+            child.kill()
+        proc.kill()
+        raise AssertionError(f"run still going after {timeout} s (hung?): {shlex.join(proc.args)}") from None
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 180, poll: float = 0.02) -> None:

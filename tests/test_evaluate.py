@@ -26,6 +26,7 @@ class FakeData:
 
     def __init__(self, path):
         self.path = path
+        self.vocab_size = VOCAB
         self.tokens = torch.randint(0, VOCAB, (4096,), generator=torch.Generator().manual_seed(7))
 
 
@@ -120,7 +121,7 @@ def test_bad_sources_name_the_fix(tmp_path, fake_loader):
         evaluate(tmp_path / "hf", "data", batches=1, seq_len=SEQ)
 
 
-def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, monkeypatch):
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, monkeypatch, fake_loader):
     import nitp_ds.evaluate as ev
 
     tiny_lm().save_pretrained(tmp_path / "hf")

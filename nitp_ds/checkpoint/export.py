@@ -60,6 +60,9 @@ def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", 
     if not meta.get("hf_config"):
         raise NITPError(f"{ckpt / META_FILE} is missing or has no hf_config, so the Hugging Face config "
                         "cannot be written; use `nitp convert` for bare weights or add nitp_meta.json")
+    tokenizer = tokenizer_dir or meta.get("tokenizer_dir")
+    if tokenizer:
+        _check_tokenizer_dir(Path(tokenizer))  # before the conversion, not after it
     final, tmp = prepare_output(out, force)
     try:
         consolidated = tmp / ".consolidated"
@@ -86,7 +89,6 @@ def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", 
         del model
         shutil.rmtree(consolidated)
 
-        tokenizer = tokenizer_dir or meta.get("tokenizer_dir")
         if tokenizer:
             _copy_tokenizer(Path(tokenizer), tmp)
 
@@ -156,12 +158,16 @@ def verify_export(directory: Path, rounded_logits: torch.Tensor, reference_logit
     return diff, EXACT_TOLERANCE, drift, drift_tolerance
 
 
-def _copy_tokenizer(source: Path, out: Path) -> None:
-    from transformers import AutoTokenizer
-
+def _check_tokenizer_dir(source: Path) -> None:
     if not source.is_dir():
         raise NITPError(f"tokenizer directory {source} does not exist; pass --tokenizer DIR or fix tokenizer_dir "
                         "in nitp_meta.json")
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    _check_tokenizer_dir(source)
     try:
         AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(out)
     except (OSError, ValueError) as exc:

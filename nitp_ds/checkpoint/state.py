@@ -95,6 +95,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
                     "or a global_stepN directory written by nitp train")
 
 
+def explicit_resume(mode: str) -> Path | None:
+    """The checkpoint that `checkpoint.resume` names, checked up front; None for "auto" and "never"."""
+    if mode in ("auto", "never"):
+        return None
+    if not Path(mode).exists():
+        raise NITPError(f"--resume {mode} (checkpoint.resume) is neither auto, never, nor an existing path; pass "
+                        "auto, never, a run directory or a checkpoints/global_stepN directory")
+    return resolve_checkpoint(mode)
+
+
 def mark_complete(tag_dir: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(tag_dir / META, json.dumps({**meta, "complete": True}, indent=2))
 

@@ -113,6 +113,9 @@ class DataDir:
 def open_data(path: str | Path, verify: bool = False) -> DataDir:
     """Open and validate a data directory; `verify=True` also re-hashes every shard."""
     path = Path(path)
+    if path.is_file():
+        raise NITPError(f"{path} is a file, not a data directory; pass the directory that `nitp prepare-data --out` "
+                        "wrote (it holds manifest.json)")
     if not path.is_dir():
         raise NITPError(f"data directory {path} does not exist; run `nitp prepare-data --out {path} ...` "
                         "or set data.path to a prepared directory")

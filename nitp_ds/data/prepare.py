@@ -1,7 +1,8 @@
 """`prepare_data`: sources -> a tokenizer, flat token shards, document indexes and a manifest.
 
 Steps, in order: parse the sources, refuse an existing output (unless `force`), load or train the
-tokenizer, then stream each source's documents in batches through a pool of tokenizer processes,
+tokenizer, then stream each source's documents in batches through a pool of tokenizer processes
+(`data.encode.DocumentEncoder`: a word cache for byte-level BPE, the Rust encoder otherwise),
 append EOS to every document, send each document to train or val, and append it to that split's
 shards. Everything is written into a hidden temporary directory beside the output, which is
 renamed to the output only once the manifest is written: a killed run leaves no directory that
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from nitp_ds.data.encode import DocumentEncoder
 from nitp_ds.data.sources import ReadStats, SourceSpec, iter_documents, parse_source
 from nitp_ds.data.tokenizer import (load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer,
                                     vocab_size_of)
@@ -64,8 +66,12 @@ def prepare_data(
     tokenizer_train_bytes: int = 256 << 20,
     force: bool = False,
     progress: bool = True,
+    word_cache: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize `sources` into a data directory at `out_dir`; returns its manifest."""
+    """Tokenize `sources` into a data directory at `out_dir`; returns its manifest.
+
+    `word_cache=False` encodes with the Rust tokenizer alone (same ids, slower; see data/encode.py).
+    """
     specs = [s if isinstance(s, SourceSpec) else parse_source(s) for s in sources]
     _check_arguments(specs, tokenizer, train_vocab_size, val_fraction, val_tokens, dtype, shard_tokens)
     out_dir = Path(out_dir)
@@ -75,12 +81,17 @@ def prepare_data(
                 train_vocab_size=train_vocab_size, text_key=text_key, val_fraction=val_fraction,
                 val_tokens=val_tokens, seed=seed, dtype=dtype, shard_tokens=shard_tokens)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
     try:
-        manifest = _prepare_into(tmp_dir, specs, args, text_key, num_workers, progress, tokenizer_train_bytes)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+    except OSError as exc:
+        raise NITPError(f"cannot create the output {out_dir} ({exc.strerror}: {exc.filename}); "
+                        "choose a writable --out") from None
+    try:
+        manifest = _prepare_into(tmp_dir, specs, args, text_key, num_workers, progress, tokenizer_train_bytes,
+                                 word_cache)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -110,7 +121,7 @@ def _check_arguments(specs, tokenizer, train_vocab_size, val_fraction, val_token
 
 
 def _prepare_into(tmp_dir: Path, specs: list[SourceSpec], args: dict, text_key: str, num_workers: int | None,
-                  progress: bool, tokenizer_train_bytes: int) -> dict[str, Any]:
+                  progress: bool, tokenizer_train_bytes: int, word_cache: bool) -> dict[str, Any]:
     started = time.perf_counter()
     tokenizer, tokenizer_source = _tokenizer_for(specs, args, text_key, tokenizer_train_bytes)
     tokenizer_dir = save_tokenizer(tokenizer, tmp_dir / "tokenizer")
@@ -123,7 +134,7 @@ def _prepare_into(tmp_dir: Path, specs: list[SourceSpec], args: dict, text_key: 
                for split in SPLITS for s in specs}
     read_stats = {s.name: ReadStats() for s in specs}
     total_weight = sum(s.weight for s in specs)
-    with _Encoder(tokenizer_dir / "tokenizer.json", eos_id, dtype, num_workers) as encoder, \
+    with _Encoder(tokenizer_dir / "tokenizer.json", eos_id, dtype, num_workers, word_cache) as encoder, \
             _Progress(progress) as bar:
         tokenize_started = time.perf_counter()
         for index, spec in enumerate(specs):
@@ -159,7 +170,8 @@ def _prepare_into(tmp_dir: Path, specs: list[SourceSpec], args: dict, text_key: 
         "args": args,
         "timing": {"seconds": round(time.perf_counter() - started, 3),
                    "tokenize_seconds": round(tokenize_seconds, 3),
-                   "tokens_per_second": round(total_tokens / max(tokenize_seconds, 1e-9))},
+                   "tokens_per_second": round(total_tokens / max(tokenize_seconds, 1e-9)),
+                   "encoder": encoder.description},
     }
     (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -232,40 +244,30 @@ def _text_batches(documents: Iterator[str]) -> Iterator[list[str]]:
 _worker_state: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer_json: str, eos_id: int, dtype) -> None:
-    from tokenizers import Tokenizer
-
-    _worker_state.update(tokenizer=Tokenizer.from_file(tokenizer_json), eos_id=eos_id, dtype=dtype)
+def _worker_init(tokenizer_json: str, eos_id: int, dtype, word_cache: bool) -> None:
+    _worker_state["encoder"] = DocumentEncoder(tokenizer_json, eos_id, dtype, word_cache)
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    tokenizer, eos_id = _worker_state["tokenizer"], _worker_state["eos_id"]
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    flat: list[int] = []
-    lengths = np.empty(len(encodings), dtype=np.int64)
-    for i, encoding in enumerate(encodings):
-        ids = encoding.ids
-        flat.extend(ids)
-        flat.append(eos_id)
-        lengths[i] = len(ids) + 1
-    return np.array(flat, dtype=_worker_state["dtype"]), lengths
+    return _worker_state["encoder"].encode(texts)
 
 
 class _Encoder:
     """A pool of tokenizer processes (in-process when num_workers <= 1), results in input order."""
 
-    def __init__(self, tokenizer_json: Path, eos_id: int, dtype, num_workers: int | None):
+    def __init__(self, tokenizer_json: Path, eos_id: int, dtype, num_workers: int | None, word_cache: bool):
         self.num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-        self.init_args = (str(tokenizer_json), eos_id, dtype)
+        self.init_args = (str(tokenizer_json), eos_id, dtype, word_cache)
         self.pool = None
 
     def __enter__(self) -> "_Encoder":
         if self.num_workers > 1:
             # One process per core; each encodes sequentially, so the Rust thread pool stays off.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _worker_init(*self.init_args)  # in this process too: it encodes when num_workers <= 1, and says how
+        self.description = _worker_state["encoder"].description
+        if self.num_workers > 1:
             self.pool = multiprocessing.get_context("fork").Pool(self.num_workers, _worker_init, self.init_args)
-        else:
-            _worker_init(*self.init_args)
         return self
 
     def encode(self, batches: Iterator[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:

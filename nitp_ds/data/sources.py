@@ -173,7 +173,8 @@ def _jsonl_documents(path: Path, text_key: str, stats: ReadStats) -> Iterator[st
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise NITPError(f"{path}:{line_no} is not valid JSON ({exc.msg}); fix or remove that line") from None
+                raise NITPError(f"{path}:{line_no} is not valid JSON ({exc.msg} column {exc.colno}); "
+                                "fix or remove that line") from None
             if not isinstance(record, dict) or text_key not in record:
                 raise NITPError(f"{path}:{line_no} has no key {text_key!r}; "
                                 f"pass --text-key with the field that holds the text")

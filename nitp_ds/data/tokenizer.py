@@ -19,12 +19,15 @@ MIN_TRAINED_VOCAB = 256 + 1 + 1  # the 256 byte symbols, the EOS token, and at l
 
 def load_tokenizer(path: str | Path):
     """A fast tokenizer from a local directory; it must define an end-of-sequence token."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not path.is_dir():
         raise NITPError(f"tokenizer directory {path} does not exist; pass --tokenizer with a local Hugging Face "
                         "tokenizer directory, or --train-tokenizer VOCAB_SIZE to train one")
+    if not (path / "tokenizer.json").is_file() and (path / "tokenizer" / "tokenizer.json").is_file():
+        raise NITPError(f"{path} is a prepared data directory, not a tokenizer directory; pass --tokenizer "
+                        f"{path / 'tokenizer'} to reuse its tokenizer")
+    from transformers import AutoTokenizer  # after the cheap checks: importing it takes seconds
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     except Exception as exc:  # transformers raises many types here; all mean "not a usable tokenizer dir"
