@@ -120,8 +120,8 @@ def test_user_tokenizer_directory_is_encoded_whole_with_its_added_tokens(tmp_pat
     ("lowercase", dict(normalizer=normalizers.Lowercase()), "rust encoder (the tokenizer has a normalizer Lowercase)"),
     ("nfc", dict(normalizer=normalizers.NFC()), "word cache for ASCII documents (the tokenizer normalizes Unicode)"),
     ("llama3-split", dict(pre_tokenizer=pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-                                   r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), "isolated"),
+        pre_tokenizers.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), "isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
      "rust encoder (the pre-tokenizer is not GPT-2's byte-level regex without prefix space (Sequence))"),
     ("prefix-space", dict(pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=True)),
