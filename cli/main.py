@@ -23,7 +23,11 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+          local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
+                                         help="Passed by the deepspeed launcher; LOCAL_RANK is read instead.")) -> None:
+    # `deepspeed --module nitp_ds.cli train ...` without --no_local_rank puts --local_rank=N before the
+    # command name; it is accepted and ignored (the launcher also sets LOCAL_RANK, which the trainer reads).
     if debug:
         os.environ["NITP_DEBUG"] = "1"
 

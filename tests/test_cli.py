@@ -39,3 +39,11 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
 def test_unknown_option_is_a_usage_error(tmp_path):
     result = run(["nitp", "train", "--no-such-option"], tmp_path)
     assert result.returncode == 2
+
+
+def test_local_rank_from_the_deepspeed_launcher_is_accepted(tmp_path):
+    # `deepspeed --module nitp_ds.cli train ...` without --no_local_rank runs `... --local_rank=K train ...`.
+    result = run([sys.executable, "-m", "nitp_ds.cli", "--local_rank=1", "train", "--config", "debug",
+                  "--print-config"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train_micro_batch_size_per_gpu" in result.stdout
