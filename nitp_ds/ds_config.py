@@ -18,8 +18,13 @@ from nitp_ds.models import family_of
 from nitp_ds.nitp import MOE_LAYER_PATTERN
 
 
+BUNDLED = Path(__file__).resolve().parent.parent  # the checkout holding ds_configs/ (editable install)
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (BUNDLED / path).is_file():
+        path = BUNDLED / path  # the default `ds_configs/zero3_moe.json` works from any directory
     if not path.is_file():
         raise NITPError(f"ds_config {path} does not exist; pass --ds-config with a DeepSpeed JSON file "
                         "(e.g. ds_configs/zero3_moe.json)")
