@@ -1,15 +1,17 @@
 """`nitp demo`: the whole toolkit on a built-in corpus, with no download.
 
-corpus (docstrings of the installed Python standard library) → tokenizer + prepare-data →
-NITP training of a tiny Qwen3-MoE under ZeRO-3 + AutoEP with 2 processes through the `deepspeed`
-launcher (GPUs if present, CPU gloo otherwise) → export to Hugging Face → eval → load the export
-with transformers and generate a sample.
+corpus (the installed Python standard library's docstrings and Language Reference topics) →
+tokenizer + prepare-data → NITP training of a tiny Qwen3-MoE under ZeRO-3 + AutoEP with 2 processes
+through the `deepspeed` launcher (GPUs if present, CPU gloo otherwise) → export to Hugging Face →
+eval → load the export with transformers and generate a sample.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
 import json
 import os
 import pkgutil
@@ -17,7 +19,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -27,37 +31,89 @@ from rich.table import Table
 from nitp_ds.errors import NITPError
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP_MODULES = ("antigravity", "this", "idlelib", "tkinter", "turtle", "test", "lib2to3", "ensurepip", "venv",
-                "pydoc_data", "__main__", "xxsubtype", "_")
+# Modules that are not documentation, or that act when imported (`this` prints, `antigravity` opens a browser,
+# `rlcompleter` installs a readline completer, `__main__` modules run their program, `distutils` is
+# replaced by setuptools' copy). Names starting with "_" are private or, like `__phello__`, print.
+SKIP_MODULES = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "tests",
+                          "idle_test", "lib2to3", "ensurepip", "venv", "pydoc_data", "distutils", "readline",
+                          "rlcompleter", "xxsubtype", "xxlimited", "xxlimited_35", "__main__"})
+MIN_DOC_CHARS = 200  # shorter docstrings are mostly one-line stubs
 
 
-def build_corpus(path: Path, max_documents: int = 20_000) -> int:
-    """Docstrings of the standard library's public modules, classes and functions, one JSONL document each."""
-    seen: set[str] = set()
+def build_corpus(path: Path, max_documents: int | None = None) -> int:
+    """Write the demo corpus to `path` as JSONL, one `{"text": ...}` per document; returns the count.
+
+    The documents, in a fixed order: the docstrings of every importable public standard-library module
+    and submodule and of their public classes, methods and functions (each text once), then the
+    Language Reference topics that `help()` shows (`pydoc_data.topics`). The same Python gives the
+    same bytes.
+    """
     written = 0
-    names = sorted(m.name for m in pkgutil.iter_modules() if m.module_finder.path.startswith(sys.base_prefix)
-                   and not m.name.startswith(SKIP_MODULES))
-    with path.open("w") as out, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in names:
-            try:
-                module = importlib.import_module(name)
-            except BaseException:  # noqa: BLE001 - some stdlib modules refuse to import on some platforms
-                continue
-            objects = [module] + [getattr(module, a, None) for a in sorted(dir(module)) if not a.startswith("_")]
-            for obj in objects:
-                try:
-                    doc = inspect.getdoc(obj)
-                except Exception:  # noqa: BLE001
-                    continue
-                if not doc or len(doc) < 200 or doc in seen:
-                    continue
-                seen.add(doc)
-                out.write(json.dumps({"text": doc}) + "\n")
-                written += 1
-                if written >= max_documents:
-                    return written
+    with path.open("w") as out:
+        for text in stdlib_documents():
+            out.write(json.dumps({"text": text}) + "\n")
+            written += 1
+            if max_documents is not None and written >= max_documents:
+                break
     return written
+
+
+def stdlib_documents() -> Iterator[str]:
+    seen: set[str] = set()
+    for module in _stdlib_modules():
+        for obj in _documented_objects(module):
+            try:
+                doc = inspect.getdoc(obj)
+            except Exception:  # noqa: BLE001 - a few objects' __doc__ raise
+                continue
+            if doc and len(doc) >= MIN_DOC_CHARS and doc not in seen:
+                seen.add(doc)
+                yield doc
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name].strip()
+
+
+def _stdlib_modules() -> list[ModuleType]:
+    modules: dict[str, ModuleType] = {}
+
+    def add(name: str) -> None:
+        # pkgutil.walk_packages would import the packages it skips (e.g. ctypes.test) to look inside them
+        if any(part in SKIP_MODULES or part.startswith("_") for part in name.split(".")):
+            return
+        module = _import(name)
+        if module is None:
+            return
+        modules[name] = module
+        for info in pkgutil.iter_modules(getattr(module, "__path__", None) or [], name + "."):
+            add(info.name)
+
+    # The warnings are deprecations of old modules; stdout is caught in case some Python's module prints.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for top in sorted(sys.stdlib_module_names):
+            add(top)
+    return [modules[name] for name in sorted(modules)]
+
+
+def _import(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except BaseException:  # noqa: BLE001 - some stdlib modules refuse to import on some platforms
+        return None
+
+
+def _documented_objects(module: ModuleType) -> Iterator[Any]:
+    yield module
+    for name in sorted(dir(module)):
+        if name.startswith("_"):
+            continue
+        obj = getattr(module, name, None)
+        yield obj
+        if inspect.isclass(obj) and getattr(obj, "__module__", None) == module.__name__:
+            # vars(), not getattr(): no descriptor runs; properties and classmethods carry their function's doc
+            yield from (member for key, member in sorted(vars(obj).items()) if not key.startswith("_"))
 
 
 def demo_recipe(out: Path, steps: int, quick: bool) -> dict[str, Any]:
@@ -102,10 +158,11 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
         console.rule(f"[bold]{title}")
         return time.perf_counter()
 
-    t = stage("1/5 corpus: docstrings of the Python standard library")
+    t = stage("1/5 corpus: the Python standard library's docstrings and reference topics")
     corpus = out / "corpus.jsonl"
-    documents = build_corpus(corpus, max_documents=1500 if quick else 20_000)
-    console.print(f"{documents:,} documents → {corpus}")
+    documents = build_corpus(corpus, max_documents=1000 if quick else None)
+    corpus_size = f"{documents:,} documents, {corpus.stat().st_size / 1e6:.1f} MB"
+    console.print(f"{corpus_size} → {corpus}")
     timings["corpus"] = time.perf_counter() - t
 
     t = stage("2/5 tokenizer + prepare-data")
@@ -125,6 +182,10 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
     env = dict(os.environ)
     if not gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")
+        # Otherwise each process takes one thread per core: on 2 cores the quick run's steps were ~20x slower
+        # (the deepspeed launcher, unlike torchrun, leaves OMP_NUM_THREADS unset).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
         raise NITPError(f"demo training failed with exit code {result.returncode}; see the output above")
@@ -148,22 +209,29 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
     table = Table(title="nitp demo: summary")
     table.add_column("what")
     table.add_column("value")
-    table.add_row("train NTP loss, first → last logged", f"{summary.get('first_loss_ntp', float('nan')):.3f} → "
+    table.add_row("train NTP loss, first → last", f"{summary.get('first_loss_ntp', float('nan')):.3f} → "
                   f"{summary.get('loss/ntp', float('nan')):.3f}")
     table.add_row("train NITP loss (last)", f"{summary.get('loss/nitp', float('nan')):.4f}")
     table.add_row("val NTP loss / perplexity", f"{metrics['val/loss_ntp']:.3f} / {metrics['val/ppl']:.1f}")
     table.add_row("effective rank / anisotropy", f"{metrics['geometry/effective_rank']:.1f} / "
                   f"{metrics['geometry/anisotropy']:.3f}")
-    table.add_row("tokens/s (last interval)", f"{summary.get('tokens_per_s', 0):,.0f}")
+    table.add_row(f"tokens/s ({nproc} processes, last)", f"{summary.get('tokens_per_s', 0):,.0f}")
     table.add_row("export logits max |Δ|", f"{exported.max_abs_diff:.2e} (tolerance {exported.tolerance:.0e})")
-    table.add_row("data", str(out / "data"))
+    table.add_row("corpus", f"{corpus}\n{corpus_size}")
+    table.add_row("data, tokenizer", str(out / "data"))
     table.add_row("run (metrics, checkpoints)", str(out / "run"))
     table.add_row("Hugging Face export", str(out / "hf"))
-    table.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    table.add_row("eval (JSON)", str(out / "eval.json"))
+    table.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+                  + f"; total {sum(timings.values()):.0f}s")
     console.print(table)
-    console.print("next: [bold]nitp plot " + f"{out / 'run'} --out {out / 'plots'}[/]  ·  "
-                  f"[bold]nitp eval {out / 'hf'} --data {out / 'data'}[/]  ·  "
-                  f"[bold]nitp train --config recipes/debug.yaml --set data.path={out / 'data'}[/]")
+    console.print("next:\n"
+                  f"  nitp plot {out / 'run'} --out {out / 'plots'}\n"
+                  f"  nitp eval {out / 'hf'} --data {out / 'data'}\n"
+                  "  # the same run without NITP, then both runs' curves overlaid:\n"
+                  f"  nitp train --config {recipe} --ds-config {ds_config} --nproc {nproc} "
+                  f"--set nitp.weight=0 --set nitp.head=none --set train.out_dir={out / 'run-ntp'}\n"
+                  f"  nitp plot {out / 'run'} {out / 'run-ntp'} --out {out / 'plots'}", soft_wrap=True)
     return {"summary": summary, "eval": metrics, "export": exported, "sample": sample, "out": out}
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
+from nitp_ds.checkpoint.state import is_checkpoint_location
 from nitp_ds.errors import NITPError
 from nitp_ds.losses import IGNORE
 from nitp_ds.metrics import anisotropy, effective_rank, expert_load_stats, perplexity
@@ -109,7 +110,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32):
     if not path.is_dir():
         raise NITPError(f"{path} is not a directory; pass a Hugging Face directory (save_pretrained, `nitp export`) "
                         "or the output of `nitp convert`")
-    if any(path.glob("*model_states.pt")) or (path / "latest").is_file() or (path / "checkpoints").is_dir():
+    if is_checkpoint_location(path):
         raise NITPError(f"{path} is a DeepSpeed checkpoint or run directory; run `nitp convert {path} --out DIR` "
                         "and evaluate DIR")
     meta = read_meta(path)

@@ -305,6 +305,13 @@ class Trainer:
         if load_path is None:
             raise NITPError(f"could not load checkpoint {tag_dir}; it may be truncated — resume from an earlier "
                             "global_stepN or pass --resume never")
+        if universal:
+            # DeepSpeed 0.19's ZeRO-3 universal loader hands every parameter sub-group one shared `step` tensor,
+            # which torch's Adam then increments once per sub-group and step (2, 5, 8, … with 3 sub-groups),
+            # skewing the bias correction: each sub-group gets its own copy.
+            for state in self.engine.optimizer.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         client = client or {}
         self.state.step = int(client.get("step", 0))
         self.state.consumed_tokens = int(client.get("consumed_tokens", 0))
@@ -679,13 +686,18 @@ def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> di
         prepare_run_dir(cfg, Path(cfg.train.out_dir), force, world()[0])
         return Trainer(cfg, ds_config_path, force=force)
 
+    import torch.distributed as dist
+
     try:
-        return agree_on_errors(start).run()
+        summary = agree_on_errors(start).run()
     except NITPError:
         # Every rank stops here together; leaving the group first spares rank 0 an abort at exit
         # ("terminate called without an active exception") that would replace exit code 2.
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
+    # The same abort was seen once after a normal finish (the demo, 1 run in 4): leave the group there too.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

@@ -204,7 +204,7 @@ HERE = [
     ("convert-missing-source", ["convert", "no-run", "--out", "new"],
      ["no-run is not a directory", "pass a run directory"]),
     ("convert-not-a-checkpoint", ["convert", "data", "--out", "new"],
-     ["data is not a DeepSpeed checkpoint", "pass a run directory, its checkpoints/ directory"]),
+     ["data is not a checkpoint", "pass a run directory, its checkpoints/ directory"]),
     ("convert-latest-names-missing-tag", ["convert", "stale-latest", "--out", "new"],
      ["names tag 'global_step99'", "does not exist", "pass an existing checkpoints/global_stepN"]),
     ("convert-truncated-checkpoint", ["convert", "ckpt-truncated", "--out", "new"],

@@ -1,70 +1,97 @@
-"""Checkpoint conversion and export, proven by numbers against the live training model.
+"""Checkpoint conversion and export of real `nitp train` runs, proven by numbers.
 
-Every multi-process run goes through `run_tiny` (the `deepspeed` launcher on CPU with gloo) and
-`tests/helpers/train_tiny.py`, which trains a tiny model under ZeRO-3 + AutoEP, saves a checkpoint like
-the trainer (plus nitp_meta.json) and stores the logits of a fixed batch computed by the engine.
+Every run goes through `tests/runs.py`: a tiny model of each family trained by `nitp train --nproc 2` (ZeRO-3,
+the experts split over both ranks by AutoEP). The trainer's last evaluation scores the final weights on the
+first validation micro-batch of each rank; the exported and the converted model must give the same losses on
+the same rows through `nitp_ds.evaluate`, which needs no DeepSpeed engine. The deepseek_v3 run starts from a
+Hugging Face directory and does not move its weights, so its export must also give that directory back bit
+for bit.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import runs
 from nitp_ds.checkpoint.convert import convert_checkpoint
 from nitp_ds.checkpoint.export import export_checkpoint
+from nitp_ds.checkpoint.state import resolve_checkpoint
 from nitp_ds.errors import NITPError
 
-HELPER = Path(__file__).parent / "helpers" / "train_tiny.py"
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3"]
+ROUND_TRIP = "deepseek_v3"  # every kind of tensor: a dense first layer, shared experts, the routing bias buffer
+NPROC = 2
+# Weights of std 0.2 give logits far from uniform, so one expert's gate and up swapped changes the loss by ~1e-2
+# (by ~1e-5 at the default 0.02, too close to LOSS_TOL); lr 1e-2 without warmup trains them 4 steps; checkpoints at
+# steps 2 and 4; the balancing loss over both ranks makes the run equal to one rank holding the whole batch.
+RUN = {"model.init_std": 0.2, "train.steps": 4, "checkpoint.every": 2, "optim.lr": 1e-2, "schedule.warmup_steps": 0,
+       "moe.aux_loss_scope": "global"}
+# optim.lr must be > 0: at 1e-30 a step moves no weight (each |w| here is far above 1e-22, where a change of 1e-30
+# starts to survive float32 rounding), so every checkpoint holds the pretrained weights bit for bit.
+STILL = {"optim.lr": 1e-30, "train.steps": 1}
+LOSSES = ("loss/total", "loss/ntp", "loss/nitp", "loss/aux", "loss/z", "grad_norm", "lr", "consumed_tokens")
+TOL = dict(rel=2e-6, abs=1e-7)  # float32 sums in another order (ranks, AutoEP shards), as in test_train_options
+LOSS_TOL = 1e-5  # AutoEP's grouped experts against the stock Hugging Face modules: the logits differ by < 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return runs.prepare_data(tmp_path_factory.mktemp("convert-data"))
 
 
-def run_tiny(run_dir: Path, *args: str, processes: int = 2) -> None:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(processes), "--master_port", str(_free_port()), str(HELPER),
-           "--run-dir", str(run_dir), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def save_pretrained_source(directory, family: str):
+    """A Hugging Face directory as save_pretrained writes it, in the data's vocabulary, weights of std 0.2 (RUN)."""
+    from nitp_ds.config import ModelConfig
+    from nitp_ds.models import build_model
+
+    torch.manual_seed(7)
+    shape = ModelConfig(family=family, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+                        experts_per_token=2, moe_intermediate_size=32, intermediate_size=64, max_seq_len=64,
+                        init_std=0.2)
+    build_model(shape, vocab_size=400).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def trained(request, tmp_path_factory) -> tuple[str, Path]:
-    run_dir = tmp_path_factory.mktemp(f"run_{request.param}")
-    run_tiny(run_dir, "--family", request.param, "--steps", "3")
-    return request.param, run_dir
+def trained(request, data, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(f"run_{family}")
+    sets = {**RUN, "model.family": family}
+    if family == ROUND_TRIP:
+        sets.update(STILL, **{"model.pretrained": save_pretrained_source(root / "source", family)})
+    result = runs.train(data, root / "run", nproc=NPROC, **sets)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return family, root / "run"
 
 
-def _hf_logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+def final_eval(run_dir) -> dict:
+    """The trainer's evaluation of its final weights, the ones in its last checkpoint."""
+    record = runs.records(run_dir, "eval")[-1]
+    assert record["step"] == runs.records(run_dir)[-1]["step"] == runs.summary(run_dir)["step"]
+    return record
 
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(input_ids).logits
+
+def evaluate_like_the_trainer(model_dir, data) -> dict:
+    """The trainer's evaluation rows (micro-batch 0 of each rank) as one batch of world size x micro-batch rows."""
+    from nitp_ds.evaluate import evaluate
+
+    return evaluate(model_dir, data, batches=1, batch_size=NPROC * runs.TINY["train.micro_batch_size"],
+                    seq_len=runs.TINY["data.seq_len"], device="cpu", dtype=torch.float32)
 
 
-def test_export_reproduces_training_logits(trained, tmp_path):
+def test_export_reproduces_the_training_losses(trained, data, tmp_path):
     family, run_dir = trained
     result = export_checkpoint(run_dir, tmp_path / "hf", dtype="fp32", verify=True, show_progress=False)
-    assert result.max_abs_diff <= 1e-4 and result.step == 3
-    reference = torch.load(run_dir / "reference.pt")
-    diff = (_hf_logits(result.out, reference["input_ids"]) - reference["logits"]).abs().max().item()
-    print(f"{family}: max |exported − training logits| = {diff:.3g}")
-    assert diff <= 1e-4
+    assert result.max_abs_diff <= 1e-4 and result.step == runs.summary(run_dir)["step"]
+    trainer, exported = final_eval(run_dir), evaluate_like_the_trainer(result.out, data)
+    print(f"{family}: val ntp loss trainer {trainer['val/loss_ntp']:.7f}, exported {exported['val/loss_ntp']:.7f}")
+    assert exported["val/loss_ntp"] == pytest.approx(trainer["val/loss_ntp"], abs=LOSS_TOL)
     config = json.loads((result.out / "config.json").read_text())
+    assert config["model_type"] == family
     assert config["use_cache"] is True and config["output_router_logits"] is False
     assert config["architectures"] and (result.out / "generation_config.json").is_file()
     assert not any("nitp_head" in p.name for p in result.out.iterdir())
@@ -82,7 +109,7 @@ def test_bf16_export_verifies_against_fp32(trained, tmp_path):
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
 
 
-def test_convert_writes_sharded_index_and_head_apart(trained, tmp_path):
+def test_convert_writes_sharded_index_and_head_that_reproduce_the_training_losses(trained, data, tmp_path):
     family, run_dir = trained
     if family != "deepseek_v3":
         pytest.skip("deepseek_v3 has every kind of tensor: dense layer, shared experts, bias buffer")
@@ -97,59 +124,89 @@ def test_convert_writes_sharded_index_and_head_apart(trained, tmp_path):
     assert not any(n.startswith(("lm.", "nitp_head")) for n in names)
     from safetensors.torch import load_file
 
+    meta = json.loads((result.out / "nitp_meta.json").read_text())
+    hidden, mult = meta["hf_config"]["hidden_size"], meta["nitp"]["head_mult"]
     head = load_file(result.out / "nitp_head.safetensors")
-    assert sorted(head) == ["down.weight", "gate.weight", "up.weight"] and head["gate.weight"].shape == (256, 64)
+    assert sorted(head) == ["down.weight", "gate.weight", "up.weight"]
+    assert head["gate.weight"].shape == (mult * hidden, hidden)
     assert result.peak_rss_mib > 0
     assert not list(tmp_path.glob(".st.tmp-*"))
+    # The head and the sharded weights, read back by `nitp eval`, give the trainer's NTP and NITP losses.
+    trainer, converted = final_eval(run_dir), evaluate_like_the_trainer(result.out, data)
+    assert converted["val/loss_ntp"] == pytest.approx(trainer["val/loss_ntp"], abs=LOSS_TOL)
+    assert converted["val/loss_nitp"] == pytest.approx(trainer["val/loss_nitp"], abs=LOSS_TOL)
 
 
-def test_round_trip_from_hf_is_bit_identical(tmp_path):
+def test_round_trip_from_hf_is_bit_identical(trained, tmp_path):
+    family, run_dir = trained
+    if family != ROUND_TRIP:
+        pytest.skip(f"the {ROUND_TRIP} run starts from a Hugging Face directory and keeps its weights")
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
-    from nitp_ds.config import ModelConfig
-    from nitp_ds.models import build_hf_config
-
-    m = ModelConfig(family="qwen3_moe", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
-                    experts_per_token=2, moe_intermediate_size=32, intermediate_size=96, max_seq_len=64)
-    torch.manual_seed(7)
-    source = AutoModelForCausalLM.from_config(build_hf_config(m, vocab_size=128))
-    source.save_pretrained(tmp_path / "source")
-    run_tiny(tmp_path / "run", "--family", "qwen3_moe", "--pretrained", str(tmp_path / "source"),
-             "--steps", "1", "--lr", "0")
-    result = export_checkpoint(tmp_path / "run", tmp_path / "exported", dtype="fp32", show_progress=False)
-    before, after = load_file(tmp_path / "source" / "model.safetensors"), load_file(result.out / "model.safetensors")
+    result = export_checkpoint(run_dir, tmp_path / "exported", dtype="fp32", show_progress=False)
+    before = load_file(run_dir.parent / "source" / "model.safetensors")
+    after = load_file(result.out / "model.safetensors")
     assert sorted(before) == sorted(after)
     for name in before:
         assert torch.equal(before[name], after[name]), name
 
 
-def test_universal_checkpoint_resumes_at_one_process(trained, tmp_path):
+def test_universal_checkpoint_resumes_at_one_process(trained, data, tmp_path):
     family, run_dir = trained
     if family != "qwen3_moe":
         pytest.skip("one family is enough for the universal path")
-    univ = convert_checkpoint(run_dir, tmp_path / "univ", to="universal").out
-    assert (univ / "latest").read_text() == "global_step3"
-    run_tiny(tmp_path / "resumed", "--family", family, "--resume-universal", str(univ / "global_step3"),
-             "--result", str(tmp_path / "resumed.pt"), processes=1)
-    two, one = torch.load(run_dir / "reference.pt"), torch.load(tmp_path / "resumed.pt")
-    assert (one["world"], two["world"]) == (1, 2)
-    assert (one["logits"] - two["logits"]).abs().max() <= 1e-5
-    assert one["loss_before"] == pytest.approx(two["loss_before"], abs=1e-5)
-    # the next step (same global batch, restored Adam state) only differs by reduction order
-    assert one["loss_after"] == pytest.approx(two["loss_after"], abs=5e-3)
-    assert one["loss_after"] != pytest.approx(one["loss_before"], abs=1e-3)
+    univ = convert_checkpoint(run_dir / "checkpoints" / "global_step2", tmp_path / "univ", to="universal").out
+    assert (univ / "latest").read_text() == "global_step2"
+    # One process holding both ranks' micro-batches: the same global batch per step, as in test_train_options.
+    resumed = tmp_path / "resumed"
+    result = runs.train(data, resumed, nproc=1, extra=["--resume", str(univ / "global_step2")],
+                        **RUN, **{"train.micro_batch_size": NPROC * runs.TINY["train.micro_batch_size"]})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {univ / 'global_step2'} at step 2" in result.stdout
+    one, two = runs.records(resumed), runs.records(run_dir)[2:]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [3, 4]
+    for key in LOSSES:
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], **TOL), key
+    assert final_eval(resumed)["val/loss_ntp"] == pytest.approx(final_eval(run_dir)["val/loss_ntp"], **TOL)
+
+
+# -- which checkpoint a path names: one resolution for resume, convert and export ------------------------
+
+def test_a_run_directory_names_its_newest_complete_checkpoint(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):  # step 6: a save that never finished
+        (checkpoints / f"global_step{step}").mkdir(parents=True)
+        if complete:
+            (checkpoints / f"global_step{step}" / "nitp_meta.json").write_text('{"complete": true}')
+    (checkpoints / "latest").write_text("global_step4")
+    warnings: list[str] = []
+    for path in (tmp_path / "run", checkpoints):
+        assert resolve_checkpoint(path, warn=warnings.append) == checkpoints / "global_step4"
+    assert len(warnings) == 2 and all("skipping incomplete checkpoint" in w and "global_step6" in w for w in warnings)
+    with pytest.raises(NITPError, match="global_step6 is incomplete"):
+        resolve_checkpoint(checkpoints / "global_step6")  # what --resume takes: nitp_meta.json is written last
+    # Without nitp_meta.json, convert takes DeepSpeed's files as they are (a checkpoint of another loop) and
+    # checks every rank's files itself; a nitp_meta.json that does not say complete is refused by all.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert resolve_checkpoint(bare, require_meta=False) == bare
+    with pytest.raises(NITPError, match="bare is incomplete"):
+        resolve_checkpoint(bare)
+    (bare / "nitp_meta.json").write_text('{"complete": false}')
+    with pytest.raises(NITPError, match="bare is incomplete"):
+        resolve_checkpoint(bare, require_meta=False)
 
 
 # -- bad inputs: each one line naming the problem ---------------------------------------------------
 
 @pytest.fixture
-def ckpt_copy(trained, tmp_path) -> Path:
+def ckpt_copy(trained, tmp_path):
     family, run_dir = trained
     if family != "qwen3_moe":
         pytest.skip("bad inputs are family-independent")
     copy = tmp_path / "copy"
-    shutil.copytree(run_dir / "checkpoints" / "global_step3", copy)
+    shutil.copytree(run_dir / "checkpoints" / "global_step2", copy)
     return copy
 
 
@@ -163,7 +220,7 @@ def _error(src, out, **kw) -> str:
 
 def test_rejects_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert "is not a DeepSpeed checkpoint" in _error(tmp_path / "empty", tmp_path / "o")
+    assert "empty is not a checkpoint" in _error(tmp_path / "empty", tmp_path / "o")
 
 
 def test_rejects_a_truncated_shard(ckpt_copy, tmp_path):

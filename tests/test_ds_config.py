@@ -66,3 +66,29 @@ def test_bad_json_names_the_line(tmp_path):
 def test_missing_ds_config(tmp_path):
     with pytest.raises(NITPError, match="does not exist; pass --ds-config"):
         load_ds_config(tmp_path / "none.json")
+
+
+def persistence_threshold(raw, world_size):
+    return derive(raw, world_size=world_size)["zero_optimization"].get("stage3_param_persistence_threshold")
+
+
+def test_auto_persistence_threshold_keeps_every_parameter_resident_on_one_rank():
+    raw = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}}
+    assert persistence_threshold(raw, world_size=1) == 10**12  # more elements than any parameter has
+    assert persistence_threshold(raw, world_size=2) == 100_000  # DeepSpeed's default: small parameters only
+    assert persistence_threshold(raw, world_size=8) == 100_000
+    assert raw["zero_optimization"]["stage3_param_persistence_threshold"] == "auto"  # the user's dict is untouched
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_explicit_persistence_threshold_is_left_as_written(world_size):
+    assert persistence_threshold({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+                                 world_size) == 0
+    assert persistence_threshold({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 12345}},
+                                 world_size) == 12345
+    assert persistence_threshold({"zero_optimization": {"stage": 3}}, world_size) is None  # DeepSpeed's default
+
+
+def test_the_bundled_gpu_config_asks_for_the_auto_persistence_threshold():
+    raw = load_ds_config(ROOT / "ds_configs" / "zero3_moe.json")
+    assert persistence_threshold(raw, world_size=1) == 10**12 and persistence_threshold(raw, world_size=2) == 100_000

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
+from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
 from nitp_ds.errors import NITPError
 
 MODEL_STATES_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -38,7 +39,6 @@ OPTIM_STATES_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEAD_PREFIX = "nitp_head."
 LM_PREFIX = "lm."
-META_FILE = "nitp_meta.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 # (AutoEP suffix, Hugging Face suffix) for single tensors; the fused expert pair is handled apart.
@@ -67,27 +67,7 @@ class ConvertResult:
     peak_rss_children_mib: float = 0.0
 
 
-# -- locating and checking the input ------------------------------------------------------------
-
-def resolve_checkpoint(src: str | Path) -> Path:
-    """The `global_stepN` directory for a run dir, a checkpoints dir (reads `latest`) or a tag dir."""
-    path = Path(src)
-    if not path.is_dir():
-        raise NITPError(f"{src} is not a directory; pass a run directory, its checkpoints/ directory "
-                        "or a checkpoints/global_stepN directory")
-    if any(MODEL_STATES_RE.match(p.name) for p in path.iterdir()):
-        return path
-    for base in (path, path / "checkpoints"):
-        latest = base / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if (base / tag).is_dir():
-                return base / tag
-            raise NITPError(f"{latest} names tag '{tag}', but {base / tag} does not exist; "
-                            "pass an existing checkpoints/global_stepN directory")
-    raise NITPError(f"{src} is not a DeepSpeed checkpoint (no zero_pp_rank_*_model_states.pt and no 'latest' "
-                    "file); pass a run directory, its checkpoints/ directory or a checkpoints/global_stepN directory")
-
+# -- checking the input --------------------------------------------------------------------------
 
 def check_checkpoint_files(ckpt: Path) -> int:
     """Checks that every rank's model and optimizer files are present, whole and of one run; returns the world size."""
@@ -127,16 +107,6 @@ def _check_zip(path: Path) -> None:
 
 def _load_small(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-
-
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / META_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NITPError(f"{path} is not valid JSON ({exc}); rewrite it or delete it") from None
 
 
 # -- atomic output ------------------------------------------------------------------------------
@@ -396,7 +366,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, to: str = "safetenso
                        workers: int | None = None, show_progress: bool = True) -> ConvertResult:
     """Converts a DeepSpeed ZeRO-3/AutoEP checkpoint to consolidated safetensors or a universal checkpoint.
 
-    `src`: a run directory, its `checkpoints/` directory (both read `latest`) or a `global_stepN` directory.
+    `src`: a run directory or its `checkpoints/` directory (the newest complete checkpoint there) or a checkpoint
+    directory (`resolve_checkpoint`; one without nitp_meta.json is taken as a DeepSpeed checkpoint of another loop).
     `to="safetensors"`: `out/model*.safetensors` (+ index when sharded) with Hugging Face names, the NITP
     head in `out/nitp_head.safetensors`, and `out/nitp_meta.json`. `to="universal"`: `out/global_stepN/`
     plus `out/latest`, loadable by DeepSpeed with `"checkpoint": {"load_universal": true}`.
@@ -405,12 +376,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, to: str = "safetenso
         raise NITPError(f"--to {to!r} is not a conversion target; use 'safetensors' or 'universal'")
     if dtype not in DTYPES:
         raise NITPError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    ckpt = resolve_checkpoint(src)
+    ckpt = resolve_checkpoint(src, require_meta=False)
     check_checkpoint_files(ckpt)
     meta = read_meta(ckpt)
-    if meta and not meta.get("complete", True):
-        raise NITPError(f"{ckpt} is marked incomplete in {META_FILE} (the save was interrupted); "
-                        "use an earlier checkpoint")
     final, tmp = prepare_output(out, force)
     try:
         if to == "universal":
@@ -418,7 +386,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, to: str = "safetenso
             to_universal(ckpt, univ_dir, workers)
             (tmp / "latest").write_text(ckpt.name)
             if meta:
-                (univ_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+                (univ_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
             result = ConvertResult(final, meta.get("step"), files=[ckpt.name, "latest"])
         else:
             univ_dir = tmp / ".universal"
@@ -429,10 +397,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, to: str = "safetenso
                                                max_shard_bytes=max_shard_size, show_progress=show_progress)
             meta_out = dict(meta, step=meta.get("step", univ.step), converted_dtype=dtype)
             meta_out.setdefault("model_type", model_type)
-            (tmp / META_FILE).write_text(json.dumps(meta_out, indent=2) + "\n")
+            (tmp / META).write_text(json.dumps(meta_out, indent=2) + "\n")
             shutil.rmtree(univ_dir)
             (tmp / "latest_universal").unlink(missing_ok=True)  # ds_to_universal writes it beside its output
-            result = ConvertResult(final, meta_out["step"], files=files + [META_FILE], num_tensors=n,
+            result = ConvertResult(final, meta_out["step"], files=files + [META], num_tensors=n,
                                    total_bytes=size)
         commit_output(tmp, final)
     except BaseException:

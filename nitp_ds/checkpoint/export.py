@@ -15,15 +15,8 @@ from typing import Any
 
 import torch
 
-from nitp_ds.checkpoint.convert import (
-    META_FILE,
-    commit_output,
-    convert_checkpoint,
-    hf_config_object,
-    prepare_output,
-    read_meta,
-    resolve_checkpoint,
-)
+from nitp_ds.checkpoint.convert import commit_output, convert_checkpoint, hf_config_object, prepare_output
+from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
 from nitp_ds.errors import NITPError
 
 # verify compares the exported model's logits (computed in fp32) with two references built from the
@@ -55,10 +48,10 @@ def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", 
 
     if dtype not in TOLERANCE:
         raise NITPError(f"--dtype {dtype!r} is not supported for export; use bf16 or fp32")
-    ckpt = resolve_checkpoint(src)
+    ckpt = resolve_checkpoint(src, require_meta=False)  # without nitp_meta.json: refused below, naming the fix
     meta = read_meta(ckpt)
     if not meta.get("hf_config"):
-        raise NITPError(f"{ckpt / META_FILE} is missing or has no hf_config, so the Hugging Face config "
+        raise NITPError(f"{ckpt / META} is missing or has no hf_config, so the Hugging Face config "
                         "cannot be written; use `nitp convert` for bare weights or add nitp_meta.json")
     tokenizer = tokenizer_dir or meta.get("tokenizer_dir")
     if tokenizer:

@@ -52,7 +52,17 @@ def is_complete(tag_dir: Path) -> bool:
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
-    return json.loads((tag_dir / META).read_text())
+    """The checkpoint's `nitp_meta.json`, or {} when it has none (a DeepSpeed checkpoint of another loop)."""
+    path = tag_dir / META
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NITPError(f"{path} is not valid JSON ({exc}); rewrite it or delete it") from None
+    if not isinstance(meta, dict):
+        raise NITPError(f"{path} must hold a JSON object, got {type(meta).__name__}; rewrite it or delete it")
+    return meta
 
 
 def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -75,24 +85,52 @@ def latest_complete(ckpt_dir: Path, warn=print) -> Path | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir, a checkpoints dir or a global_stepN dir -> the complete tag directory to read."""
+def has_model_states(directory: Path) -> bool:
+    """Whether `directory` holds DeepSpeed's model-state files itself (a checkpoint, whatever its name)."""
+    return directory.is_dir() and any(p.name.endswith("_model_states.pt") for p in directory.iterdir())
+
+
+def is_checkpoint_location(path: Path) -> bool:
+    """A checkpoint, a directory of checkpoints or a run directory: what `resolve_checkpoint` reads."""
+    return has_model_states(path) or (path / "latest").is_file() or bool(list_tags(path)) or (
+        path / "checkpoints").is_dir()
+
+
+def resolve_checkpoint(path: str | Path, *, require_meta: bool = True, warn=print) -> Path:
+    """The checkpoint directory to read, for `nitp train --resume PATH`, `nitp convert` and `nitp export`.
+
+    - A checkpoint directory (named global_stepN, or holding DeepSpeed's model-state files): itself, when its
+      nitp_meta.json says complete. Without nitp_meta.json it is a save that never finished (nitp train writes
+      the file last), unless `require_meta` is False: convert also takes a DeepSpeed checkpoint written by
+      another loop, and checks its files itself.
+    - A run directory or its checkpoints/ directory: the newest complete global_stepN, as `--resume auto`
+      picks it (incomplete ones are skipped with a warning).
+    """
     path = Path(path)
-    if not path.exists():
-        raise NITPError(f"checkpoint {path} does not exist; pass a run directory or a global_stepN directory")
-    if TAG_RE.match(path.name) and path.is_dir():
-        if not is_complete(path):
-            raise NITPError(f"checkpoint {path} is incomplete (no complete {META}); a save was interrupted — "
-                            "use an earlier global_stepN or the run directory")
-        return path
+    if not path.is_dir():
+        raise NITPError(f"{path} is not a directory; pass a run directory, its checkpoints/ directory or a "
+                        "checkpoints/global_stepN directory")
+    if TAG_RE.match(path.name) or has_model_states(path):
+        has_meta = (path / META).is_file()
+        if (has_meta and read_meta(path).get("complete")) or (not has_meta and not require_meta):
+            return path
+        raise NITPError(f"checkpoint {path} is incomplete (no complete {META}); a save was interrupted — "
+                        "use an earlier global_stepN or the run directory")
     for ckpt_dir in (path / "checkpoints", path):
-        if list_tags(ckpt_dir):
-            found = latest_complete(ckpt_dir)
-            if found is None:
-                raise NITPError(f"no complete checkpoint under {ckpt_dir}; every global_stepN there is incomplete")
+        latest = ckpt_dir / "latest"
+        if not (list_tags(ckpt_dir) or latest.is_file()):
+            continue
+        found = latest_complete(ckpt_dir, warn)
+        if found is not None:
             return found
-    raise NITPError(f"{path} is not a checkpoint: expected a run directory, its checkpoints/ directory, "
-                    "or a global_stepN directory written by nitp train")
+        tag = latest.read_text().strip() if latest.is_file() else ""
+        if tag and not (ckpt_dir / tag).is_dir():
+            raise NITPError(f"{latest} names tag '{tag}', but {ckpt_dir / tag} does not exist; "
+                            "pass an existing checkpoints/global_stepN directory")
+        raise NITPError(f"no complete checkpoint under {ckpt_dir}; every global_stepN there is incomplete")
+    raise NITPError(f"{path} is not a checkpoint: it holds no global_stepN directory, no "
+                    "zero_pp_rank_*_model_states.pt and no 'latest' file; pass a run directory, its checkpoints/ "
+                    "directory or a checkpoints/global_stepN directory written by nitp train")
 
 
 def explicit_resume(mode: str) -> Path | None:
