@@ -105,7 +105,24 @@ def run_launcher(cmd: list[str], *, remote_ranks: bool, echo=say) -> int:
     launcher = subprocess.Popen(cmd, env=env, start_new_session=True)
     forward_stop_signals(launcher, remote_ranks=remote_ranks)
     returncode = launcher.wait()
+    if "--master_port" in cmd:  # ranks killed hard (kill -9, OOM) leave their CPU shared-memory buffers behind
+        remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
     return returncode if returncode >= 0 else 1
+
+
+def remove_shm_buffers(port: int | str, rank: int | str = "*") -> None:
+    """Delete DeepSpeed's CPU shared-memory all-reduce buffers of the job on `port` (one rank's, or all).
+
+    DeepSpeed's shm comm op (CPU accelerator) creates /dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK
+    (~66 MB each) and never unlinks it: without this, every CPU run leaks them until /dev/shm (RAM) is full.
+    """
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def forward_stop_signals(launcher: subprocess.Popen, *, remote_ranks: bool = False) -> None:

@@ -686,18 +686,26 @@ def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> di
         prepare_run_dir(cfg, Path(cfg.train.out_dir), force, world()[0])
         return Trainer(cfg, ds_config_path, force=force)
 
-    import torch.distributed as dist
-
     try:
         summary = agree_on_errors(start).run()
     except NITPError:
         # Every rank stops here together; leaving the group first spares rank 0 an abort at exit
         # ("terminate called without an active exception") that would replace exit code 2.
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(barrier=False)
         raise
     # The same abort was seen once after a normal finish (the demo, 1 run in 4): leave the group there too.
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group(barrier=True)
     return summary
+
+
+def leave_process_group(barrier: bool) -> None:
+    import torch.distributed as dist
+
+    from nitp_ds.launch import remove_shm_buffers
+
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    if "MASTER_PORT" in os.environ and "RANK" in os.environ:  # every rank has mapped the others' by now
+        remove_shm_buffers(os.environ["MASTER_PORT"], os.environ["RANK"])

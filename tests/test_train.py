@@ -1,6 +1,8 @@
 """`nitp train` end to end on CPU: real DeepSpeed ZeRO-3 + AutoEP through the launcher."""
 
+import glob
 import json
+import re
 import subprocess
 import sys
 
@@ -39,6 +41,9 @@ def test_training_lowers_ntp_and_nitp_losses(data, tmp_path, nproc):
     files = sorted(p.name for p in (run / "checkpoints" / "global_step32").iterdir())
     assert sum(f.endswith("model_states.pt") for f in files) == nproc
     assert "nitp_meta.json" in files
+    if nproc > 1:  # DeepSpeed's CPU shared-memory buffers of the job are gone (they filled /dev/shm before)
+        port = re.search(r"--master_port (\d+)", result.stdout).group(1)
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
 def test_lambda_zero_without_head_is_exactly_the_ntp_baseline(data, tmp_path):
