@@ -16,22 +16,21 @@ No DeepSpeed engine is needed; it runs on the GPU when torch sees one, else on t
 from __future__ import annotations
 
 import contextlib
-import tempfile
-
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from nitp_ds.checkpoint.state import is_checkpoint_location
+from nitp_ds.checkpoint.state import META, is_checkpoint_location, read_meta
 from nitp_ds.errors import NITPError
 from nitp_ds.losses import IGNORE
 from nitp_ds.metrics import anisotropy, effective_rank, expert_load_stats, perplexity
 
 HEAD_FILE = "nitp_head.safetensors"
-META_FILE = "nitp_meta.json"
+META_FILE = META  # nitp_meta.json, beside `nitp convert` output too
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 DEFAULT_SEQ_LEN = 512
@@ -113,7 +112,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32):
     if is_checkpoint_location(path):
         raise NITPError(f"{path} is a DeepSpeed checkpoint or run directory; run `nitp convert {path} --out DIR` "
                         "and evaluate DIR")
-    meta = read_meta(path)
+    meta = read_meta(path, fix="re-run `nitp convert`")
     config = load_config(path, meta)
     lm = load_language_model(path, config, dtype)
     lm.config.use_cache = False
@@ -129,19 +128,6 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32):
     load_head(model.nitp_head, head_file)
     info = {"family": config.model_type, "nitp_head": nitp["head"], "target_layer": nitp["target_layer"]}
     return model.to(dtype), info
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    meta_file = path / META_FILE
-    if not meta_file.is_file():
-        return {}
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise NITPError(f"{meta_file} is not valid JSON ({exc}); re-run `nitp convert`") from None
-    if not isinstance(meta, dict):
-        raise NITPError(f"{meta_file} must hold a JSON object, got {type(meta).__name__}; re-run `nitp convert`")
-    return meta
 
 
 def load_config(path: Path, meta: dict[str, Any]):

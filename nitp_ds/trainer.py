@@ -238,9 +238,10 @@ class Trainer:
         self.loader = TokenLoader(self.data, "train", cfg.data.seq_len, cfg.train.micro_batch_size,
                                   dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed,
                                   weights=cfg.data.weights or None)
-        # Evaluation runs at the end of every run: refuse a too-small val split now, not after training.
-        TokenLoader(self.data, "val", cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank=self.rank,
-                    dp_world_size=self.world_size, seed=cfg.train.seed)
+        # Built now (evaluation runs at the end of every run): a too-small val split is refused before
+        # training, not after it. `val_batches` is pure, so this one loader serves every evaluation.
+        self.val_loader = TokenLoader(self.data, "val", cfg.data.seq_len, cfg.train.micro_batch_size,
+                                      dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed)
 
     def _hf_config(self):
         from nitp_ds.models import build_hf_config
@@ -475,14 +476,10 @@ class Trainer:
         return StepResult(totals, 0, stopping > 0)
 
     def evaluate(self) -> dict[str, float]:
-        from nitp_ds.data.dataset import TokenLoader
-
-        loader = TokenLoader(self.data, "val", self.cfg.data.seq_len, self.cfg.train.micro_batch_size,
-                             dp_rank=self.rank, dp_world_size=self.world_size, seed=self.cfg.train.seed)
         self.engine.eval()
         sums = torch.zeros(3, device=self.device)
         with torch.no_grad():
-            for batch in loader.val_batches(self.cfg.train.eval_batches):
+            for batch in self.val_loader.val_batches(self.cfg.train.eval_batches):
                 batch = self.batch_to_device(batch)
                 self.engine(batch["input_ids"], batch["labels"])
                 parts = self.engine.loss_parts

@@ -51,17 +51,18 @@ def is_complete(tag_dir: Path) -> bool:
         return False
 
 
-def read_meta(tag_dir: Path) -> dict[str, Any]:
-    """The checkpoint's `nitp_meta.json`, or {} when it has none (a DeepSpeed checkpoint of another loop)."""
-    path = tag_dir / META
+def read_meta(directory: Path, fix: str = "rewrite it or delete it") -> dict[str, Any]:
+    """`directory`'s `nitp_meta.json` (a checkpoint's, or `nitp convert` output's), or {} when it has none
+    (a DeepSpeed checkpoint of another loop). `fix` ends the error message of an unreadable file."""
+    path = directory / META
     if not path.is_file():
         return {}
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise NITPError(f"{path} is not valid JSON ({exc}); rewrite it or delete it") from None
+        raise NITPError(f"{path} is not valid JSON ({exc}); {fix}") from None
     if not isinstance(meta, dict):
-        raise NITPError(f"{path} must hold a JSON object, got {type(meta).__name__}; rewrite it or delete it")
+        raise NITPError(f"{path} must hold a JSON object, got {type(meta).__name__}; {fix}")
     return meta
 
 
