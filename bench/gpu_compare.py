@@ -54,6 +54,19 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "ntp-gather": (NTP, {"zero_optimization": {"stage3_param_persistence_threshold": 100_000}}),
     "nitp-gather": ({}, {"zero_optimization": {"stage3_param_persistence_threshold": 100_000}}),
     "nitp-ce32k": ({"train.ce_chunk_tokens": 32768}, {}),
+    # the cross-entropy's softmax gradient in eager PyTorch instead of torch.compile'd kernels
+    "nitp-eagerce": ({"train.compile_loss": "false"}, {}),
+    # decoder layers in eager PyTorch instead of torch.compile'd
+    "nitp-eagerlayers": ({"train.compile_layers": "false"}, {}),
+    # ZeRO-3's F.linear replacement off (it saves inputs, not gathered weights, for backward)
+    "nitp-mel": ({}, {"zero_optimization": {"memory_efficient_linear": False}}),
+    # DeepSpeed's per-module ZeRO-3 hooks instead of one fetch unit per decoder layer
+    "nitp-module": ({"train.zero3_fetch": "module"}, {}),
+    # no AutoEP: transformers' own experts (grouped_mm on a GPU) under ZeRO-3, for one GPU
+    "ntp-noep": (NTP, {"expert_parallel": {"enabled": False}}),
+    "nitp-noep": ({}, {"expert_parallel": {"enabled": False}}),
+    # AutoEP's fused options: gate and up projections in one grouped GEMM, fused weighted combine
+    "nitp-fusedep": ({}, {"expert_parallel": {"gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}}),
 }
 
 

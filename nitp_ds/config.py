@@ -100,6 +100,9 @@ class TrainConfig:
     eval_batches: int = 20
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 8192  # cross-entropy is computed this many tokens at a time
+    compile_loss: bool | None = None  # torch.compile the cross-entropy's softmax gradient; None: on CUDA only
+    compile_layers: bool | None = None  # torch.compile each decoder layer's forward; None: on CUDA only
+    zero3_fetch: str = "layer"  # layer: each decoder layer is one ZeRO-3 fetch unit; module: one per module
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     deterministic: bool = False
 
@@ -388,6 +391,7 @@ def validate(cfg: Config) -> Config:
     need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     need(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}")
     need(t.ce_chunk_tokens >= 1, f"train.ce_chunk_tokens must be >= 1, got {t.ce_chunk_tokens}")
+    need(t.zero3_fetch in ("layer", "module"), f"train.zero3_fetch must be 'layer' or 'module', got '{t.zero3_fetch}'")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     need(bool(t.out_dir), "train.out_dir must be set (the run directory)")
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")

@@ -11,6 +11,46 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def _xent_grad(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+               acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed cross-entropy and its gradient w.r.t. the logits, in the logits' dtype.
+
+    Written as pure elementwise ops and row reductions so that `torch.compile` fuses it into a
+    row-reduction kernel (logsumexp) and one pointwise pass that reads the bf16 logits and writes the
+    bf16 gradient, instead of eager PyTorch's fp32 cast, softmax, scatter and mask passes.
+    """
+    x = logits.to(acc)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    picked = x.gather(1, labels.unsqueeze(1))
+    loss = ((lse - picked).squeeze(1) * valid).sum()
+    columns = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    target = (columns == labels.unsqueeze(1)).to(acc)
+    grad = (torch.exp(x - lse) - target) * valid.unsqueeze(1)
+    return loss, grad.to(logits.dtype)
+
+
+def _xent_grad_eager(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                     acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_xent_grad` in place, for eager execution (the CPU, or `train.compile_loss: false`)."""
+    x = logits.to(acc)
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, labels.unsqueeze(1)).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    grad = torch.softmax(x, dim=-1)
+    grad[torch.arange(len(labels), device=labels.device), labels] -= 1.0
+    grad *= valid.unsqueeze(1)
+    return loss, grad.to(logits.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_xent_grad():
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_xent_grad, dynamic=False, fullgraph=True)
+    return _COMPILED["fn"]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy of `hidden @ weight.T` against `labels`, `chunk` rows at a time.
 
@@ -20,29 +60,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                compiled: bool):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        xent_grad = _compiled_xent_grad() if compiled else _xent_grad_eager
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        single = hidden.shape[0] <= chunk  # one chunk: its weight gradient needs no fp32 accumulator
+        grad_weight = None
+        if ctx.needs_input_grad[1] and not single:
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             y = labels[start:start + chunk]
-            logits = (h @ weight.t()).to(acc)
             valid = y != IGNORE
             safe_y = torch.where(valid, y, torch.zeros_like(y))
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_y.unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * valid).sum()
-            if needs_grad:
-                grad_logits = torch.softmax(logits, dim=-1)
-                grad_logits[torch.arange(len(y), device=y.device), safe_y] -= 1.0
-                grad_logits *= valid.unsqueeze(1)
-                grad_logits = grad_logits.to(hidden.dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start:start + chunk] = grad_logits @ weight
-                if grad_weight is not None:
+            logits = h @ weight.t()
+            if not needs_grad:
+                x = logits.to(acc)
+                picked = x.gather(1, safe_y.unsqueeze(1)).squeeze(1)
+                total += ((torch.logsumexp(x, dim=-1) - picked) * valid).sum()
+                continue
+            loss, grad_logits = xent_grad(logits, safe_y, valid.to(acc), acc)
+            total += loss
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = grad_logits @ weight
+            if ctx.needs_input_grad[1]:
+                if single:
+                    grad_weight = grad_logits.t() @ h
+                else:
                     grad_weight += (grad_logits.t() @ h).to(acc)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0),
                               grad_weight if grad_weight is not None else torch.empty(0))
@@ -53,20 +101,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
+        gw = (grad_weight * grad_output.to(grad_weight.dtype)).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None
+
+
+def use_compiled_loss(setting: bool | None, device: torch.device) -> bool:
+    """`train.compile_loss`: None means on for CUDA devices (Triton kernels), off elsewhere."""
+    return device.type == "cuda" if setting is None else setting
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                          chunk_tokens: int = 8192, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over positions whose label is not -100, and their count.
 
     `hidden` is [..., d] (the state fed to the LM head), `weight` the LM head [V, d], `labels` [...].
+    With `compiled`, each chunk's softmax gradient runs as `torch.compile`d kernels (same values up
+    to rounding; see `_xent_grad`).
     """
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
     count = (flat_y != IGNORE).sum()
-    total = _LinearCrossEntropy.apply(flat_h, weight, flat_y, chunk_tokens)
+    total = _LinearCrossEntropy.apply(flat_h, weight, flat_y, chunk_tokens, compiled)
     return total / count.clamp(min=1), count
 
 

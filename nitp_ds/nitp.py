@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nitp_ds.losses import chunked_cross_entropy, nitp_cosine_loss, router_losses
+from nitp_ds.losses import chunked_cross_entropy, nitp_cosine_loss, router_losses, use_compiled_loss
 from nitp_ds.models import experts_per_token
 
 # AutoEP names the module tree of the Hugging Face model `lm.model.layers.N.mlp` inside this wrapper.
@@ -63,13 +63,14 @@ def build_head(kind: str, d: int, mult: int, init_std: float) -> nn.Module | Non
 
 class NITPModel(nn.Module):
     def __init__(self, lm: nn.Module, head: str = "swiglu", head_mult: int = 4, target_layer: int = 1,
-                 ce_chunk_tokens: int = 8192, aux_group_fn=None):
+                 ce_chunk_tokens: int = 8192, aux_group_fn=None, compile_loss: bool | None = None):
         super().__init__()
         self.lm = lm
         self.config = lm.config  # AutoEP reads the root module's config
         self.nitp_head = build_head(head, lm.config.hidden_size, head_mult, lm.config.initializer_range)
         self.target_layer = target_layer
         self.ce_chunk_tokens = ce_chunk_tokens
+        self.compile_loss = compile_loss
         self.aux_group_fn = aux_group_fn  # returns a process group for global-batch balancing, or None
         self.top_k = experts_per_token(lm.config)
         self._target: torch.Tensor | None = None
@@ -114,7 +115,8 @@ class NITPModel(nn.Module):
         self._target = None
         hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
-        ntp, tokens = chunked_cross_entropy(hidden, weight, labels, self.ce_chunk_tokens)
+        ntp, tokens = chunked_cross_entropy(hidden, weight, labels, self.ce_chunk_tokens,
+                                            compiled=use_compiled_loss(self.compile_loss, hidden.device))
         parts = {"ntp": ntp, "tokens": tokens}
         if self.nitp_head is not None:
             parts["nitp"] = nitp_cosine_loss(self.nitp_head(hidden), self._target, labels)

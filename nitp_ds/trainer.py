@@ -274,7 +274,20 @@ class Trainer:
 
             aux_group = lambda: dist.group.WORLD  # noqa: E731
         model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=target_layer,
-                          ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group)
+                          ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group,
+                          compile_loss=cfg.train.compile_loss)
+        compile_layers = cfg.train.compile_layers
+        if compile_layers if compile_layers is not None else torch.cuda.is_available():
+            from nitp_ds.models import compile_decoder_layers
+
+            compile_decoder_layers(lm)
+        if cfg.train.zero3_fetch == "layer":
+            # One ZeRO-3 fetch unit per decoder layer, as FSDP wraps per block: DeepSpeed then gathers and
+            # releases a layer's parameters together and runs none of its Python hooks on the submodules
+            # inside (they run around every module, even when its parameters are resident).
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, list({type(layer) for layer in lm.model.layers}))
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         fused = cfg.optim.fused if cfg.optim.fused is not None else torch.cuda.is_available()

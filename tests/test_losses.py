@@ -57,14 +57,15 @@ def test_aux_loss_gradient_reaches_the_router():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 10_000])
-def test_chunked_cross_entropy_matches_full_logits(chunk):
+@pytest.mark.parametrize("chunk,compiled", [(1, False), (7, False), (10_000, False), (7, True), (10_000, True)])
+def test_chunked_cross_entropy_matches_full_logits(chunk, compiled):
+    # compiled: the torch.compile'd softmax-gradient kernel (inductor's C++ backend here, Triton on CUDA)
     torch.manual_seed(0)
     h = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 50, (3, 11))
     y[0, :4] = IGNORE
-    loss, count = chunked_cross_entropy(h, w, y, chunk)
+    loss, count = chunked_cross_entropy(h, w, y, chunk, compiled=compiled)
     ref = F.cross_entropy((h @ w.t()).reshape(-1, 50), y.reshape(-1), ignore_index=IGNORE)
     assert count.item() == 29
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
@@ -72,6 +73,25 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
     r_h, r_w = torch.autograd.grad(ref * 3.0, (h, w))
     torch.testing.assert_close(g_h, r_h)
     torch.testing.assert_close(g_w, r_w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_compiled_cross_entropy_matches_fp32_reference_on_cuda_bf16():
+    torch.manual_seed(0)
+    for rows, vocab, chunk in [(4096, 32000, 1536), (2048, 151936, 4096)]:  # several chunks; one chunk
+        h = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(vocab, 512, device="cuda", dtype=torch.bfloat16) * 0.05).requires_grad_()
+        y = torch.randint(0, vocab, (rows,), device="cuda")
+        y[:100] = IGNORE
+        loss, _ = chunked_cross_entropy(h, w, y, chunk, compiled=True)
+        g_h, g_w = torch.autograd.grad(loss, (h, w))
+        h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = F.cross_entropy(h32 @ w32.t(), y, ignore_index=IGNORE)
+        r_h, r_w = torch.autograd.grad(ref, (h32, w32))
+        assert loss.item() == pytest.approx(ref.item(), rel=2e-3)
+        for got, want in ((g_h, r_h), (g_w, r_w)):
+            assert torch.isfinite(got).all()
+            assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
 def test_chunked_cross_entropy_without_grad():

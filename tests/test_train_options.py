@@ -66,6 +66,16 @@ def test_global_aux_loss_on_two_ranks_equals_one_rank_with_the_whole_batch(one_r
         assert column(two_ranks_global, key) == pytest.approx(column(one_rank_batch_4, key), **TOL), key
 
 
+def test_per_layer_zero3_fetch_gives_the_losses_of_per_module_fetches(data, tmp_path, two_ranks_global):
+    """`train.zero3_fetch=layer` (the default, one ZeRO-3 leaf per decoder layer) changes when parameters
+    are gathered, not what is computed: 2 ranks, ZeRO-3 + AutoEP, against DeepSpeed's per-module hooks."""
+    per_module = trained(data, tmp_path / "run", nproc=2, **BALANCED,
+                         **{"train.micro_batch_size": 2, "moe.aux_loss_scope": "global", "train.zero3_fetch": "module"})
+    for key in LOSSES:
+        assert column(per_module, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
+    assert column(per_module, "grad_norm")[0] > 0
+
+
 def test_activation_checkpointing_gives_the_same_losses_on_two_ranks(data, tmp_path, two_ranks_global):
     checkpointed = trained(data, tmp_path / "run", nproc=2, **BALANCED,
                            **{"train.micro_batch_size": 2, "moe.aux_loss_scope": "global",

@@ -124,3 +124,17 @@ def num_experts(config) -> int:
 
 def experts_per_token(config) -> int:
     return int(config.num_experts_per_tok)
+
+
+def compile_decoder_layers(lm) -> None:
+    """`torch.compile` each decoder layer's forward in place (module names and state dicts unchanged).
+
+    Hooks stay outside the compiled code (ZeRO-3's fetch hooks and the NITP target capture are on the
+    layer's `__call__`), so the layers are compiled as they run. Layers of one class share their
+    compiled code: dynamo treats parameters as inputs, so one compilation serves all of them.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in lm.model.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=False)
