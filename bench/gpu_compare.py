@@ -46,7 +46,7 @@ SHAPES = {
 
 NTP = {"nitp.head": "none", "nitp.weight": 0.0}
 # name -> (recipe overrides, ds_config overrides merged into zero_optimization / expert_parallel)
-VARIANTS: dict[str, tuple[dict, dict]] = {
+VARIANTS: dict[str, tuple[dict, dict | str]] = {
     "ntp": (NTP, {}),
     "nitp": ({}, {}),
     # ZeRO-3's default: only parameters under 1e5 elements stay resident; the rest are gathered and
@@ -65,6 +65,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # no AutoEP: transformers' own experts (grouped_mm on a GPU) under ZeRO-3, for one GPU
     "ntp-noep": (NTP, {"expert_parallel": {"enabled": False}}),
     "nitp-noep": ({}, {"expert_parallel": {"enabled": False}}),
+    # ds_configs/zero3_moe_1gpu.json: the one-GPU config (no AutoEP, plain F.linear under ZeRO-3)
+    "ntp-1gpu": (NTP, "ds_configs/zero3_moe_1gpu.json"),
+    "nitp-1gpu": ({}, "ds_configs/zero3_moe_1gpu.json"),
     # AutoEP's fused options: gate and up projections in one grouped GEMM, fused weighted combine
     "nitp-fusedep": ({}, {"expert_parallel": {"gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}}),
 }
@@ -92,7 +95,10 @@ def child(cmd: list[str], env: dict, work: Path) -> None:
 
 def run_nitp(args, shape: dict, variant: tuple[dict, dict], work: Path, profile: bool) -> dict:
     recipe_sets, ds_extra = variant
-    ds = merged(json.loads((REPO / args.ds_config).read_text()), ds_extra)
+    if isinstance(ds_extra, str):  # a whole ds_config file instead of overrides
+        ds = json.loads((REPO / ds_extra).read_text())
+    else:
+        ds = merged(json.loads((REPO / args.ds_config).read_text()), ds_extra)
     ds_path = work / "ds_config.json"
     ds_path.write_text(json.dumps(ds))
     sets = {**shape, "data.path": args.data, "train.out_dir": str(work / "run"), "train.steps": args.steps,
@@ -167,9 +173,11 @@ def print_table(table: dict[str, dict[str, dict]]) -> None:
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
             print(f"{shape_name:<6}{name:<14}{r['tokens_per_s']:>11,.0f}{ratio:>9}{100 * r['mfu']:>6.1f}%"
                   f"{r['memory_gib']:>10.1f}{r['loss']:>8.3f}")
-        ntp, nitp = rows.get("ntp"), rows.get("nitp")
-        if ntp and nitp and "error" not in ntp and "error" not in nitp:
-            print(f"{shape_name:<6}NITP overhead in step time: {100 * (ntp['tokens_per_s'] / nitp['tokens_per_s'] - 1):+.1f}%")
+        for suffix in ("", "-1gpu"):
+            ntp, nitp = rows.get("ntp" + suffix), rows.get("nitp" + suffix)
+            if ntp and nitp and "error" not in ntp and "error" not in nitp:
+                print(f"{shape_name:<6}NITP overhead in step time (ntp{suffix} -> nitp{suffix}): "
+                      f"{100 * (ntp['tokens_per_s'] / nitp['tokens_per_s'] - 1):+.1f}%")
 
 
 if __name__ == "__main__":
