@@ -80,10 +80,17 @@ def merged(base: dict, extra: dict) -> dict:
     return out
 
 
+TIMEOUT_S = float(os.environ.get("NITP_BENCH_TIMEOUT", "0")) or None  # per variant, so one hang spares the rest
+
+
 def child(cmd: list[str], env: dict, work: Path) -> None:
     log = work / "child.log"
     with log.open("w") as f:
-        code = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        try:
+            code = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timed out after {TIMEOUT_S:.0f} s"
     if code != 0:
         text = log.read_text()
         if os.environ.get("NITP_BENCH_LOGS"):  # keep the first traceback of a failed child for inspection

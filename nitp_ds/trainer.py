@@ -296,7 +296,8 @@ class Trainer:
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
         self.engine = build_engine(model, self.ds_config, optimizer, scheduler, nitp_weight=cfg.nitp.weight,
-                                   aux_weight=cfg.moe.aux_loss_weight, z_weight=cfg.moe.z_loss_weight)
+                                   aux_weight=cfg.moe.aux_loss_weight, z_weight=cfg.moe.z_loss_weight,
+                                   fast_zero_step=cfg.train.fast_zero_step)
         self.device = self.engine.device
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 - `model.pretrained`: the first step's loss is the Hugging Face model's own loss on that batch.
 - `moe.aux_loss_scope=global` on 2 ranks reproduces, step for step, one rank holding the whole batch
   (whose micro-batch balancing loss is the global-batch one).
+- `train.fast_zero_step` (the streamlined ZeRO-3 optimizer step) gives DeepSpeed's own step's losses,
+  gradient norms and parameters, with AutoEP on 2 ranks and with fused AdamW and clipping on one.
 - `train.grad_accum=2` reproduces one micro-batch twice as large.
 - `train.activation_checkpointing` gives the losses of a run without it (2 ranks, ZeRO-3 + AutoEP), and
   really recomputes the layers in backward.
@@ -14,7 +16,10 @@ Runs are shared through module fixtures; each is a tiny model through `tests/run
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -74,6 +79,34 @@ def test_per_layer_zero3_fetch_gives_the_losses_of_per_module_fetches(data, tmp_
     for key in LOSSES:
         assert column(per_module, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
     assert column(per_module, "grad_norm")[0] > 0
+
+
+def test_streamlined_zero3_step_gives_deepspeeds_losses_on_two_ranks(data, tmp_path, two_ranks_global):
+    """`train.fast_zero_step` (default on: fp32 gradient norms, gradients viewed in place) against DeepSpeed's
+    own ZeRO-3 step, 2 ranks with AutoEP, whose expert gradients are normed over the expert-parallel group."""
+    deepspeeds = trained(data, tmp_path / "run", nproc=2, **BALANCED,
+                         **{"train.micro_batch_size": 2, "moe.aux_loss_scope": "global", "train.fast_zero_step": "false"})
+    for key in LOSSES:
+        assert column(deepspeeds, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
+
+
+def test_streamlined_zero3_step_with_fused_adamw_and_clipping_matches_deepspeed(data, tmp_path):
+    """With fused AdamW the clip scale goes into the optimizer's own pass: the same model trained both ways
+    in one process ends with the same parameters, and clipping really acted (the norm is far above 0.05)."""
+    script = runs.REPO / "tests" / "scripts" / "zero_step.py"
+    sets = {**runs.TINY, "data.path": data, "train.out_dir": tmp_path / "run", "optim.fused": "true",
+            "optim.grad_clip": 0.05, "checkpoint.every": 0}
+    result = subprocess.run([sys.executable, str(script), str(runs.REPO / "recipes" / "debug.yaml"),
+                             str(runs.DS_CONFIG), "4", *[f"{k}={v}" for k, v in sets.items()]],
+                            env=runs.child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    fast, deepspeed = out["fast"], out["deepspeed"]
+    assert fast["unscale_in_adam"] and not deepspeed["streamlined"]
+    assert min(deepspeed["grad_norm"]) > 10 * 0.05
+    assert fast["loss"] == pytest.approx(deepspeed["loss"], **TOL)
+    assert fast["grad_norm"] == pytest.approx(deepspeed["grad_norm"], rel=1e-5)
+    assert out["max_param_diff"] <= 1e-6 * out["param_scale"]
 
 
 def test_activation_checkpointing_gives_the_same_losses_on_two_ranks(data, tmp_path, two_ranks_global):
