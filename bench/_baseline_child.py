@@ -1,6 +1,6 @@
 """Child of bench/gpu_compare.py: the plain Hugging Face + DeepSpeed ZeRO-3 baseline.
 
-argv: SHAPE_JSON STEPS OUT_JSON. The stock model class built from the same config as `nitp train`
+argv: SHAPE_JSON STEPS OUT_JSON. A step is `train.grad_accum` micro-batches (default 1). The stock model class built from the same config as `nitp train`
 builds, `deepspeed.initialize` with ZeRO-3 and bf16, fused torch AdamW, loss = CE + 0.001 · router aux
 loss (the model's own `output_router_logits`), random tokens. Writes tokens/s, MFU and peak memory.
 """
@@ -39,8 +39,8 @@ if len(sys.argv) > 4:  # the experts implementation: eager, grouped_mm, batched_
     hf_config._experts_implementation = sys.argv[4]
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-seq, mbs = cfg.data.seq_len, cfg.train.micro_batch_size
-ds_config = {"train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+seq, mbs, accum = cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum
+ds_config = {"train_micro_batch_size_per_gpu": mbs, "gradient_accumulation_steps": accum, "gradient_clipping": 1.0,
              "bf16": {"enabled": torch.cuda.is_available()},
              "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True}}
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -49,16 +49,17 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_co
 device = engine.device
 times = []
 for step in range(steps):
-    ids = torch.randint(0, hf_config.vocab_size, (mbs, seq), device=device)
+    batches = [torch.randint(0, hf_config.vocab_size, (mbs, seq), device=device) for _ in range(accum)]
     sync()
     start = time.perf_counter()
-    loss = engine(input_ids=ids, labels=ids).loss
-    engine.backward(loss)
-    engine.step()
+    for ids in batches:
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
     sync()
     times.append(time.perf_counter() - start)
 step_s = statistics.median(times[3:])
-tps = mbs * seq / step_s
+tps = mbs * seq * accum / step_s
 fpt = flops_per_token(hf_config, seq)
 result = {"tokens_per_s": tps, "step_s": step_s, "mfu": tps * fpt / (peak_flops(device) or float("inf")),
           "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0, "loss": loss.item(),

@@ -37,6 +37,9 @@ SHAPES = {
           "model.head_dim": 128, "model.num_experts": 128, "model.experts_per_token": 8,
           "model.moe_intermediate_size": 768, "model.intermediate_size": 6144, "model.vocab_size": 151936,
           "model.max_seq_len": 4096, "data.seq_len": 4096, "train.micro_batch_size": 2, "nitp.target_layer": 1},
+    # the same shapes with 4 micro-batches per optimizer step (baseline too): the step's fixed costs amortised
+    "A4": {"train.grad_accum": 4},
+    "B4": {"train.grad_accum": 4},
     # a smoke-test shape that runs on a CPU in seconds (DS_ACCELERATOR=cpu, --ds-config ds_configs/zero3_moe_cpu.json)
     "tiny": {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
              "model.num_experts": 4, "model.experts_per_token": 2, "model.moe_intermediate_size": 32,
@@ -44,8 +47,12 @@ SHAPES = {
              "train.micro_batch_size": 2, "nitp.target_layer": 1},
 }
 
+SHAPES["A4"] = {**SHAPES["A"], **SHAPES["A4"]}
+SHAPES["B4"] = {**SHAPES["B"], **SHAPES["B4"]}
+
 NTP = {"nitp.head": "none", "nitp.weight": 0.0}
-# name -> (recipe overrides, ds_config overrides merged into zero_optimization / expert_parallel)
+ONE_GPU = "ds_configs/zero3_moe_1gpu.json"
+# name -> (recipe overrides, ds_config overrides merged into the ds_config, or a whole ds_config file)
 VARIANTS: dict[str, tuple[dict, dict | str]] = {
     "ntp": (NTP, {}),
     "nitp": ({}, {}),
@@ -66,8 +73,12 @@ VARIANTS: dict[str, tuple[dict, dict | str]] = {
     "ntp-noep": (NTP, {"expert_parallel": {"enabled": False}}),
     "nitp-noep": ({}, {"expert_parallel": {"enabled": False}}),
     # ds_configs/zero3_moe_1gpu.json: the one-GPU config (no AutoEP, plain F.linear under ZeRO-3)
-    "ntp-1gpu": (NTP, "ds_configs/zero3_moe_1gpu.json"),
-    "nitp-1gpu": ({}, "ds_configs/zero3_moe_1gpu.json"),
+    "ntp-1gpu": (NTP, ONE_GPU),
+    "nitp-1gpu": ({}, ONE_GPU),
+    # the one-GPU config with DeepSpeed's own ZeRO-3 optimizer step (fp64 norms, flatten, unscale pass)
+    "nitp-1gpu-dsstep": ({"train.fast_zero_step": "false"}, ONE_GPU),
+    # the one-GPU config with gradients accumulated in bf16 (DeepSpeed's default) instead of fp32
+    "nitp-1gpu-bf16acc": ({}, {"__file__": ONE_GPU, "data_types": {"grad_accum_dtype": "bf16"}}),
     # AutoEP's fused options: gate and up projections in one grouped GEMM, fused weighted combine
     "nitp-fusedep": ({}, {"expert_parallel": {"gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}}),
 }
@@ -103,9 +114,9 @@ def child(cmd: list[str], env: dict, work: Path) -> None:
 def run_nitp(args, shape: dict, variant: tuple[dict, dict], work: Path, profile: bool) -> dict:
     recipe_sets, ds_extra = variant
     if isinstance(ds_extra, str):  # a whole ds_config file instead of overrides
-        ds = json.loads((REPO / ds_extra).read_text())
-    else:
-        ds = merged(json.loads((REPO / args.ds_config).read_text()), ds_extra)
+        ds_extra = {"__file__": ds_extra}
+    ds_extra = dict(ds_extra)
+    ds = merged(json.loads((REPO / ds_extra.pop("__file__", args.ds_config)).read_text()), ds_extra)
     ds_path = work / "ds_config.json"
     ds_path.write_text(json.dumps(ds))
     sets = {**shape, "data.path": args.data, "train.out_dir": str(work / "run"), "train.steps": args.steps,
@@ -170,15 +181,15 @@ def main() -> None:
 
 
 def print_table(table: dict[str, dict[str, dict]]) -> None:
-    print(f"\n{'shape':<6}{'variant':<14}{'tokens/s':>11}{'vs base':>9}{'MFU':>7}{'peak GiB':>10}{'loss':>8}")
+    print(f"\n{'shape':<6}{'variant':<19}{'tokens/s':>11}{'vs base':>9}{'MFU':>7}{'peak GiB':>10}{'loss':>8}")
     for shape_name, rows in table.items():
         base = rows.get("baseline", {}).get("tokens_per_s")
         for name, r in rows.items():
             if "error" in r:
-                print(f"{shape_name:<6}{name:<14} failed: {r['error'][:300]}")
+                print(f"{shape_name:<6}{name:<19} failed: {r['error'][:300]}")
                 continue
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-            print(f"{shape_name:<6}{name:<14}{r['tokens_per_s']:>11,.0f}{ratio:>9}{100 * r['mfu']:>6.1f}%"
+            print(f"{shape_name:<6}{name:<19}{r['tokens_per_s']:>11,.0f}{ratio:>9}{100 * r['mfu']:>6.1f}%"
                   f"{r['memory_gib']:>10.1f}{r['loss']:>8.3f}")
         for suffix in ("", "-1gpu"):
             ntp, nitp = rows.get("ntp" + suffix), rows.get("nitp" + suffix)
