@@ -131,14 +131,13 @@ def streamline_zero3_step(zero: Any) -> bool:
         zero.averaged_gradients[sub_group_id] = None
 
     def unscale_in_adam(sub_group_id, total_norm):
+        # DeepSpeed's formula in float64 on the host: its step has just waited on this norm (the finiteness
+        # check), so reading it costs nothing, and an unclipped step then runs AdamW with no scale at all.
         scale = zero.loss_scale
         if zero.clip_grad > 0.0:
-            scale = torch.clamp(((total_norm / zero.loss_scale) + 1e-6) / zero.clip_grad, min=1.0) * zero.loss_scale
+            scale = max(((float(total_norm) / zero.loss_scale) + 1e-6) / zero.clip_grad, 1.0) * zero.loss_scale
         device = zero.fp32_partitioned_groups_flat[sub_group_id].device
-        if torch.is_tensor(scale):
-            adam.grad_scale = scale.to(device=device, dtype=torch.float32).reshape(1)
-        else:
-            adam.grad_scale = None if scale == 1.0 else torch.full((1,), float(scale), device=device)
+        adam.grad_scale = None if scale == 1.0 else torch.full((1,), float(scale), device=device)
 
     zero.get_grad_norm_direct = get_grad_norm_direct
     zero._prepare_fp32_grad_for_sub_group = prepare_fp32_grad
