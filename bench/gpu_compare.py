@@ -129,7 +129,8 @@ def run_nitp(args, shape: dict, variant: tuple[dict, dict], work: Path, profile:
     train = [r for r in records if r.get("kind") == "train"][1:]
     result = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
               "mfu": statistics.median(r.get("mfu", float("nan")) for r in train),
-              "memory_gib": max(r.get("memory_gib", 0.0) for r in train), "loss": train[-1]["loss/ntp"]}
+              "memory_gib": max(r.get("memory_gib", 0.0) for r in train), "loss": train[-1]["loss/ntp"],
+              "intervals": [round(r["tokens_per_s"]) for r in train]}
     if profile and (work / "profile.txt").exists():
         result["profile"] = (work / "profile.txt").read_text()
     return result
