@@ -312,6 +312,7 @@ class Trainer:
                 return
         else:
             tag_dir = self.resume_from
+        ckpt.check_expert_layout(ckpt.read_meta(tag_dir), self.ds_config, tag_dir)
         universal = (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
         if universal:
             self.engine._config.load_universal_checkpoint = True

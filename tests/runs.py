@@ -58,9 +58,10 @@ def prepare_data(tmp: Path) -> Path:
     return out
 
 
-def train_args(data: Path, run_dir: Path, *, nproc: int = 1, extra: list[str] = (), **sets) -> list[str]:
+def train_args(data: Path, run_dir: Path, *, nproc: int = 1, extra: list[str] = (), ds_config: Path = DS_CONFIG,
+               **sets) -> list[str]:
     values = {**TINY, "data.path": data, "train.out_dir": run_dir, **sets}
-    args = [*NITP, "train", "--config", "debug", "--ds-config", str(DS_CONFIG), "--nproc", str(nproc)]
+    args = [*NITP, "train", "--config", "debug", "--ds-config", str(ds_config), "--nproc", str(nproc)]
     for key, value in values.items():
         args += ["--set", f"{key}={value}"]
     return [*args, *extra]

@@ -170,6 +170,28 @@ def test_universal_checkpoint_resumes_at_one_process(trained, data, tmp_path):
     assert final_eval(resumed)["val/loss_ntp"] == pytest.approx(final_eval(run_dir)["val/loss_ntp"], **TOL)
 
 
+def test_a_run_with_hugging_face_experts_exports_and_refuses_an_autoep_resume(data, tmp_path):
+    """ds_configs/zero3_moe_1gpu.json trains without AutoEP (the model's own experts under ZeRO-3): its
+    checkpoint carries Hugging Face names, exports with the same losses, and resuming it under AutoEP is
+    refused with one line (the names differ), not a missing-file traceback."""
+    from nitp_ds.evaluate import evaluate
+
+    run_dir = tmp_path / "run"
+    result = runs.train(data, run_dir, ds_config=runs.REPO / "ds_configs" / "zero3_moe_1gpu.json", **RUN)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    exported = export_checkpoint(run_dir, tmp_path / "hf", dtype="fp32", verify=True, show_progress=False)
+    assert exported.max_abs_diff <= 1e-4
+    ours = evaluate(exported.out, data, batches=1, batch_size=runs.TINY["train.micro_batch_size"],
+                    seq_len=runs.TINY["data.seq_len"], device="cpu", dtype=torch.float32)
+    assert ours["val/loss_ntp"] == pytest.approx(final_eval(run_dir)["val/loss_ntp"], abs=LOSS_TOL)
+
+    resumed = tmp_path / "resumed"
+    result = runs.train(data, resumed, extra=["--resume", str(run_dir / "checkpoints" / "global_step2")], **RUN)
+    assert result.returncode == 2
+    assert "trained with Hugging Face experts (expert_parallel disabled)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 # -- which checkpoint a path names: one resolution for resume, convert and export ------------------------
 
 def test_a_run_directory_names_its_newest_complete_checkpoint(tmp_path):

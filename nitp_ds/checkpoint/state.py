@@ -66,6 +66,20 @@ def read_meta(directory: Path, fix: str = "rewrite it or delete it") -> dict[str
     return meta
 
 
+def check_expert_layout(meta: dict[str, Any], ds_config: dict[str, Any], tag_dir: Path) -> None:
+    """A checkpoint names its expert parameters by the layout it was trained with (AutoEP's `mlp.experts.w1/w2/w3`
+    and `mlp.router.gate`, or Hugging Face's own): refuse to resume it under the other one."""
+    if "autoep_size" not in meta:  # not written by nitp train
+        return
+    was = meta["autoep_size"] is not None
+    now = bool(ds_config.get("expert_parallel", {}).get("enabled"))
+    if was != now:
+        layout = "AutoEP experts (expert_parallel enabled)" if was else "Hugging Face experts (expert_parallel disabled)"
+        raise NITPError(f"{tag_dir} was trained with {layout} and this ds_config {'enables' if now else 'disables'} "
+                        "expert_parallel; the expert parameters are named differently. Resume with the ds_config it "
+                        "was trained with, or start a new run from `nitp export` of it (model.pretrained=DIR)")
+
+
 def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     if not ckpt_dir.is_dir():
         return []
