@@ -182,16 +182,19 @@ def main() -> None:
 
 
 def print_table(table: dict[str, dict[str, dict]]) -> None:
-    print(f"\n{'shape':<6}{'variant':<19}{'tokens/s':>11}{'vs base':>9}{'MFU':>7}{'peak GiB':>10}{'loss':>8}")
+    print(f"\n{'shape':<6}{'variant':<19}{'tokens/s':>11}{'step ms':>9}{'vs base':>9}{'MFU':>7}{'peak GiB':>10}"
+          f"{'loss':>8}")
     for shape_name, rows in table.items():
+        shape = SHAPES[shape_name]
+        step_tokens = shape["train.micro_batch_size"] * shape["data.seq_len"] * shape.get("train.grad_accum", 1)
         base = rows.get("baseline", {}).get("tokens_per_s")
         for name, r in rows.items():
             if "error" in r:
                 print(f"{shape_name:<6}{name:<19} failed: {r['error'][:300]}")
                 continue
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-            print(f"{shape_name:<6}{name:<19}{r['tokens_per_s']:>11,.0f}{ratio:>9}{100 * r['mfu']:>6.1f}%"
-                  f"{r['memory_gib']:>10.1f}{r['loss']:>8.3f}")
+            print(f"{shape_name:<6}{name:<19}{r['tokens_per_s']:>11,.0f}{1000 * step_tokens / r['tokens_per_s']:>9.1f}"
+                  f"{ratio:>9}{100 * r['mfu']:>6.1f}%{r['memory_gib']:>10.1f}{r['loss']:>8.3f}")
         for suffix in ("", "-1gpu"):
             ntp, nitp = rows.get("ntp" + suffix), rows.get("nitp" + suffix)
             if ntp and nitp and "error" not in ntp and "error" not in nitp:
