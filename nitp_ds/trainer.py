@@ -235,6 +235,8 @@ class Trainer:
 
         self.ds_config = derive_ds_config(self.ds_raw, cfg, world_size=self.world_size,
                                           num_experts=num_experts(self.hf_config), model_type=self.hf_config.model_type)
+        if self.resume_from is not None:  # refused before the model is built (a `latest` one is checked at resume)
+            ckpt.check_expert_layout(ckpt.read_meta(self.resume_from), self.ds_config, self.resume_from)
         self.loader = TokenLoader(self.data, "train", cfg.data.seq_len, cfg.train.micro_batch_size,
                                   dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed,
                                   weights=cfg.data.weights or None)
@@ -312,7 +314,10 @@ class Trainer:
                 return
         else:
             tag_dir = self.resume_from
-        ckpt.check_expert_layout(ckpt.read_meta(tag_dir), self.ds_config, tag_dir)
+        try:
+            ckpt.check_expert_layout(ckpt.read_meta(tag_dir), self.ds_config, tag_dir)
+        except NITPError as exc:  # every rank reads the same files: rank 0 says it once
+            raise on_every_rank(exc) from None
         universal = (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
         if universal:
             self.engine._config.load_universal_checkpoint = True
