@@ -75,6 +75,9 @@ VARIANTS: dict[str, tuple[dict, dict | str]] = {
     # ds_configs/zero3_moe_1gpu.json: the one-GPU config (no AutoEP, plain F.linear under ZeRO-3)
     "ntp-1gpu": (NTP, ONE_GPU),
     "nitp-1gpu": ({}, ONE_GPU),
+    # the one-GPU config with Python's automatic garbage collection left on during the loop
+    "ntp-1gpu-autogc": ({**NTP, "train.gc_every": 0}, ONE_GPU),
+    "nitp-1gpu-autogc": ({"train.gc_every": 0}, ONE_GPU),
     # the one-GPU config with DeepSpeed's own ZeRO-3 optimizer step (fp64 norms, flatten, unscale pass)
     "nitp-1gpu-dsstep": ({"train.fast_zero_step": "false"}, ONE_GPU),
     # the one-GPU config with gradients accumulated in bf16 (DeepSpeed's default) instead of fp32

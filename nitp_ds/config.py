@@ -104,6 +104,7 @@ class TrainConfig:
     compile_layers: bool | None = None  # torch.compile each decoder layer's forward; None: on CUDA only
     zero3_fetch: str = "layer"  # layer: each decoder layer is one ZeRO-3 fetch unit; module: one per module
     fast_zero_step: bool = True  # ZeRO-3's optimizer step without its fp64-norm, flatten and unscale passes
+    gc_every: int = 50  # automatic Python GC paused in the loop, young generations collected every N steps; 0: off
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     deterministic: bool = False
 
@@ -392,6 +393,7 @@ def validate(cfg: Config) -> Config:
     need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     need(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}")
     need(t.ce_chunk_tokens >= 1, f"train.ce_chunk_tokens must be >= 1, got {t.ce_chunk_tokens}")
+    need(t.gc_every >= 0, f"train.gc_every must be >= 0 (0: Python's automatic garbage collection), got {t.gc_every}")
     need(t.zero3_fetch in ("layer", "module"), f"train.zero3_fetch must be 'layer' or 'module', got '{t.zero3_fetch}'")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     need(bool(t.out_dir), "train.out_dir must be set (the run directory)")

@@ -68,6 +68,7 @@ BAD = [
     (["train.zero3_fetch=block"], "train.zero3_fetch must be 'layer' or 'module'"),
     (["train.compile_loss=sometimes"], "train.compile_loss must be true or false"),
     (["train.fast_zero_step=maybe"], "train.fast_zero_step must be true or false"),
+    (["train.gc_every=-1"], "train.gc_every must be >= 0"),
     (["moe.aux_loss_scope=world"], "moe.aux_loss_scope 'world' is not one of"),
     (["train=3"], "names a whole section"),
     (["train.steps"], "must look like section.key=value"),

@@ -80,3 +80,32 @@ def test_print_config_shows_the_derived_deepspeed_config(data):
     assert result.returncode == 0, result.stderr
     derived = json.loads(result.stdout.split("# derived DeepSpeed config (world size 2)\n", 1)[1])
     assert derived["train_batch_size"] == 8 and derived["expert_parallel"]["autoep_size"] == 2
+
+
+def test_the_loop_pauses_automatic_garbage_collection_and_collects_every_n_steps():
+    """`train.gc_every`: no automatic collection inside the loop however much is allocated, a young-generation
+    collection on every N-th step, and Python's own GC back afterwards."""
+    import gc
+    import weakref
+
+    from nitp_ds.trainer import PausedGC
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    with PausedGC(2) as paused:
+        cycle = Node()
+        cycle.self = cycle  # freed only by the cyclic collector
+        alive = weakref.ref(cycle)
+        del cycle
+        junk = [[Node()] for _ in range(50_000)]  # far past the automatic threshold (700 allocations)
+        assert not gc.isenabled() and alive() is not None
+        paused.step(1)
+        assert alive() is not None
+        paused.step(2)
+        assert alive() is None
+        del junk
+    assert gc.isenabled()
+    with PausedGC(0):
+        assert gc.isenabled()
