@@ -37,9 +37,6 @@ SHAPES = {
           "model.head_dim": 128, "model.num_experts": 128, "model.experts_per_token": 8,
           "model.moe_intermediate_size": 768, "model.intermediate_size": 6144, "model.vocab_size": 151936,
           "model.max_seq_len": 4096, "data.seq_len": 4096, "train.micro_batch_size": 2, "nitp.target_layer": 1},
-    # the same shapes with 4 micro-batches per optimizer step (baseline too): the step's fixed costs amortised
-    "A4": {"train.grad_accum": 4},
-    "B4": {"train.grad_accum": 4},
     # a smoke-test shape that runs on a CPU in seconds (DS_ACCELERATOR=cpu, --ds-config ds_configs/zero3_moe_cpu.json)
     "tiny": {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
              "model.num_experts": 4, "model.experts_per_token": 2, "model.moe_intermediate_size": 32,
@@ -47,8 +44,8 @@ SHAPES = {
              "train.micro_batch_size": 2, "nitp.target_layer": 1},
 }
 
-SHAPES["A4"] = {**SHAPES["A"], **SHAPES["A4"]}
-SHAPES["B4"] = {**SHAPES["B"], **SHAPES["B4"]}
+# A4, B4: the same shapes with 4 micro-batches per optimizer step (baseline too), the step's fixed costs amortised
+SHAPES.update({f"{name}4": {**SHAPES[name], "train.grad_accum": 4} for name in ("A", "B")})
 
 NTP = {"nitp.head": "none", "nitp.weight": 0.0}
 ONE_GPU = "ds_configs/zero3_moe_1gpu.json"

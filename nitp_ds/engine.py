@@ -77,10 +77,6 @@ class _GradForNorm:
     def dtype(self) -> torch.dtype:
         return self.grad.dtype
 
-    @property
-    def data(self) -> torch.Tensor:
-        return self.grad
-
     def to(self, target: Any, non_blocking: bool = False) -> "_GradForNorm":
         return _GradForNorm(self.grad, target) if isinstance(target, torch.dtype) else self
 

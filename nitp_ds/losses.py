@@ -5,6 +5,8 @@ All of them take `labels` with -100 at ignored positions, so NTP and NITP are ma
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -42,13 +44,9 @@ def _xent_grad_eager(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Te
     return loss, grad.to(logits.dtype)
 
 
-_COMPILED: dict[str, object] = {}
-
-
+@functools.cache
 def _compiled_xent_grad():
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_xent_grad, dynamic=False, fullgraph=True)
-    return _COMPILED["fn"]
+    return torch.compile(_xent_grad, dynamic=False, fullgraph=True)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -84,7 +82,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             loss, grad_logits = xent_grad(logits, safe_y, valid.to(acc), acc)
             total += loss
-            grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad_logits @ weight
             if ctx.needs_input_grad[1]:

@@ -279,8 +279,8 @@ class Trainer:
         model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=target_layer,
                           ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group,
                           compile_loss=cfg.train.compile_loss)
-        compile_layers = cfg.train.compile_layers
-        if compile_layers if compile_layers is not None else torch.cuda.is_available():
+        compile_layers = cfg.train.compile_layers if cfg.train.compile_layers is not None else torch.cuda.is_available()
+        if compile_layers:
             from nitp_ds.models import compile_decoder_layers
 
             compile_decoder_layers(lm)
@@ -313,12 +313,12 @@ class Trainer:
             tag_dir = ckpt.latest_complete(self.ckpt_dir, warn=self.log_warning)
             if tag_dir is None:
                 return
+            try:  # an explicit --resume PATH was checked at start-up
+                ckpt.check_expert_layout(ckpt.read_meta(tag_dir), self.ds_config, tag_dir)
+            except NITPError as exc:  # every rank reads the same files: rank 0 says it once
+                raise on_every_rank(exc) from None
         else:
             tag_dir = self.resume_from
-        try:
-            ckpt.check_expert_layout(ckpt.read_meta(tag_dir), self.ds_config, tag_dir)
-        except NITPError as exc:  # every rank reads the same files: rank 0 says it once
-            raise on_every_rank(exc) from None
         universal = (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
         if universal:
             self.engine._config.load_universal_checkpoint = True
@@ -643,15 +643,18 @@ class Trainer:
 class PausedGC:
     """Python's automatic cyclic garbage collection paused for the training loop, as torchtitan does: an
     automatic collection can land in any step and stall the host thread that feeds the device (host-bound steps
-    showed ±20% jitter). `step(n)` collects the young generations every `every` steps; 0 leaves Python's own GC."""
+    showed ±20% jitter). `step(n)` collects the young generations every `every` steps; 0 leaves Python's own GC.
+    The pause goes through DeepSpeed's process-wide GC manager (the one its `disable_python_gc` option uses),
+    which collects once, disables, and restores the previous state when its last holder releases it."""
 
     def __init__(self, every: int):
-        self.every, self.was_enabled = every, gc.isenabled()
+        self.every, self.generation = every, None
 
     def __enter__(self) -> "PausedGC":
         if self.every:
-            gc.collect()
-            gc.disable()
+            from deepspeed.runtime.python_gc import python_gc_manager
+
+            self.generation = python_gc_manager.acquire()
         return self
 
     def step(self, step: int) -> None:
@@ -659,8 +662,10 @@ class PausedGC:
             gc.collect(1)
 
     def __exit__(self, *exc) -> None:
-        if self.every and self.was_enabled:
-            gc.enable()
+        if self.generation is not None:
+            from deepspeed.runtime.python_gc import python_gc_manager
+
+            python_gc_manager.release(self.generation)
 
 
 def seed_everything(seed: int) -> None:
