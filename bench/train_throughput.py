@@ -27,7 +27,7 @@ def run_one(args, extra: list[str], out_dir: Path) -> dict:
             "logging.tensorboard=false", *args.set, *extra]
     code = ("import sys; from nitp_ds.config import load_config; from nitp_ds.trainer import train; "
             "cfg = load_config(sys.argv[1], sys.argv[3:]); cfg.train.eval_batches = 1; "
-            "import nitp_ds.trainer as t; t.Trainer.save = lambda self: None; "  # time training, not checkpoint I/O
+            "import nitp_ds.checkpoint.manager as m; m.CheckpointManager.save = lambda self: None; "  # time training, not checkpoint I/O
             "train(cfg, sys.argv[2], force=True)")
     subprocess.run([sys.executable, "-c", code, args.recipe, args.ds_config, *sets], check=True,
                    env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -58,7 +58,7 @@ def train_command(
     force: bool = typer.Option(False, "--force", help="Start afresh in a run directory that holds another run."),
 ) -> None:
     """Train a MoE model with NITP under DeepSpeed ZeRO-3 + expert parallelism."""
-    from nitp_ds.config import dump_yaml, load_config, validate
+    from nitp_ds.config import load_config, validate
 
     if nproc is not None and nproc < 1:
         raise NITPError(f"--nproc {nproc} must be at least 1 (processes per node); omit it to use every GPU")
@@ -121,24 +121,20 @@ def _forwarded_argv() -> list[str]:
 
 def _print_config(cfg, ds_config_path: str, world_size: int) -> None:
     from nitp_ds.config import dump_yaml
-    from nitp_ds.ds_config import derive_ds_config, load_ds_config
-    from nitp_ds.models import build_hf_config, num_experts
+    from nitp_ds.ds_config import load_ds_config
+    from nitp_ds.resolve import resolve_run
 
-    vocab = cfg.model.vocab_size
-    if not vocab:
-        try:
-            from nitp_ds.data.dataset import open_data
+    try:
+        from nitp_ds.data.dataset import open_data
 
-            vocab = open_data(cfg.data.path).vocab_size
-        except Exception:
-            vocab = 32000  # only to show the derived config; training reads the data's vocabulary
-    hf = build_hf_config(cfg.model, vocab)
-    ds = derive_ds_config(load_ds_config(ds_config_path), cfg, world_size=world_size,
-                          num_experts=num_experts(hf), model_type=hf.model_type)
+        data = open_data(cfg.data.path)
+    except Exception:
+        data = None  # only to show the derived config: resolve_run then uses model.vocab_size or a placeholder
+    run = resolve_run(cfg, load_ds_config(ds_config_path), world_size, data)
     print("# resolved recipe")
     print(dump_yaml(cfg), end="")
     print(f"# derived DeepSpeed config (world size {world_size})")
-    print(json.dumps(ds, indent=2))
+    print(json.dumps(run.ds_config, indent=2))
 
 
 def _print_summary(summary: dict) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from nitp_ds.errors import NITPError
+from nitp_ds.models.families import FAMILY_NAMES as FAMILIES
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 NITP_HEADS = ("swiglu", "mlp", "linear", "none")
 SCHEDULES = ("cosine", "wsd", "constant")
 AUX_SCOPES = ("micro_batch", "global")
@@ -134,17 +134,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    @property
-    def target_layer(self) -> int:
-        """The NITP target layer k, resolved from its default when unset."""
-        if self.nitp.target_layer is not None:
-            return self.nitp.target_layer
-        return max(1, round(0.2 * self.model.num_layers))
-
-    @property
-    def nitp_enabled(self) -> bool:
-        return self.nitp.head != "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,9 +351,9 @@ def validate(cfg: Config) -> Config:
         need(m.max_seq_len >= cfg.data.seq_len,
              f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "
              "lower data.seq_len or raise model.max_seq_len")
-        need(0 <= cfg.target_layer < m.num_layers,
-             f"nitp.target_layer ({cfg.target_layer}) must be in [0, {m.num_layers - 1}] for a "
-             f"{m.num_layers}-layer model (0 = embedding output)")
+        from nitp_ds.resolve import resolve_target_layer
+
+        resolve_target_layer(cfg, m.num_layers)
     need(n.head in NITP_HEADS, f"nitp.head '{n.head}' is not one of {', '.join(NITP_HEADS)}")
     need(n.weight >= 0, f"nitp.weight must be >= 0, got {n.weight}")
     need(not (n.head == "none" and n.weight > 0),

@@ -14,8 +14,7 @@ from typing import Any
 
 from nitp_ds.config import Config
 from nitp_ds.errors import NITPError
-from nitp_ds.models import family_of
-from nitp_ds.nitp import MOE_LAYER_PATTERN
+from nitp_ds.models.families import MOE_LAYER_PATTERN, family_of
 
 
 BUNDLED = Path(__file__).resolve().parent.parent  # the checkout holding ds_configs/ (editable install)

@@ -22,7 +22,6 @@ class NITPEngine(DeepSpeedEngine):
         self.nitp_weight = nitp_weight
         self.aux_weight = aux_weight
         self.z_weight = z_weight
-        self.loss_parts: dict[str, torch.Tensor] = {}
         self.module.attach_hooks()  # after AutoEP has replaced the MoE blocks
 
     def _configure_zero_optimizer(self, optimizer: Any) -> Any:
@@ -31,7 +30,9 @@ class NITPEngine(DeepSpeedEngine):
             streamline_zero3_step(zero)
         return zero
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # type: ignore[override]
+        """(total, parts): the composite loss to back-propagate, and its parts for logging (detached, apart from
+        `load`, the tokens per expert): loss/ntp, loss/nitp, loss/aux, loss/z, loss/total, tokens, load."""
         parts = super().forward(input_ids=input_ids, labels=labels)
         total = parts["ntp"].float()
         if self.nitp_weight:
@@ -40,7 +41,7 @@ class NITPEngine(DeepSpeedEngine):
             total = total + self.aux_weight * parts["aux"].float()
         if self.z_weight:
             total = total + self.z_weight * parts["z"].float()
-        self.loss_parts = {
+        return total, {
             "loss/ntp": parts["ntp"].detach(),
             "loss/nitp": parts["nitp"].detach(),
             "loss/aux": parts["aux"].detach(),
@@ -49,7 +50,6 @@ class NITPEngine(DeepSpeedEngine):
             "tokens": parts["tokens"].detach(),
             "load": parts["load"],
         }
-        return total
 
 
 # -- ZeRO-3's optimizer step without its extra passes over every gradient ------------------------------------

@@ -156,8 +156,10 @@ def nitp_settings(meta: dict[str, Any], path: Path, config) -> dict[str, Any] | 
         raise NITPError(f"{path / META_FILE}: 'nitp' must hold head, head_mult and target_layer, got {nitp!r}; "
                         "re-run `nitp convert`")
     target = nitp.get("target_layer")
-    if target is None:  # the recipe default, as in Config.target_layer
-        target = max(1, round(0.2 * config.num_hidden_layers))
+    if target is None:  # the recipe default
+        from nitp_ds.resolve import default_target_layer
+
+        target = default_target_layer(config.num_hidden_layers)
     return {"head": nitp["head"], "head_mult": int(nitp.get("head_mult", 4)), "target_layer": int(target)}
 
 

@@ -13,6 +13,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+from nitp_ds.distributed import free_port, remove_shm_buffers
 from nitp_ds.errors import NITPError
 
 DEFAULT_MASTER_PORT = 29500  # DeepSpeed's and torch's default: the same on every node unless --master-port says otherwise
@@ -80,8 +81,6 @@ def launch(argv: list[str], nproc: int | None, *, num_nodes: int = 1, hostfile: 
     """
     nodes = node_count(num_nodes, hostfile)
     check_multinode(nodes, hostfile, node_rank, master_addr)
-    from nitp_ds.trainer import free_port
-
     several = nodes > 1 or bool(hostfile)
     port = master_port or (DEFAULT_MASTER_PORT if several else free_port())
     with tempfile.TemporaryDirectory(prefix="nitp-launch-") as tmp:
@@ -108,21 +107,6 @@ def run_launcher(cmd: list[str], *, remote_ranks: bool, echo=say) -> int:
     if "--master_port" in cmd:  # ranks killed hard (kill -9, OOM) leave their CPU shared-memory buffers behind
         remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
     return returncode if returncode >= 0 else 1
-
-
-def remove_shm_buffers(port: int | str, rank: int | str = "*") -> None:
-    """Delete DeepSpeed's CPU shared-memory all-reduce buffers of the job on `port` (one rank's, or all).
-
-    DeepSpeed's shm comm op (CPU accelerator) creates /dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK
-    (~66 MB each) and never unlinks it: without this, every CPU run leaks them until /dev/shm (RAM) is full.
-    """
-    import glob
-
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def forward_stop_signals(launcher: subprocess.Popen, *, remote_ranks: bool = False) -> None:

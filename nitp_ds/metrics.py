@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nitp_ds.errors import NITPError
+from nitp_ds.models.families import FAMILY_NAMES as MOE_FAMILIES
 
 # Dense bf16 peak per device used as the MFU denominator. 790 TFLOP/s for H100/H200 is the
 # project's default (about 80% of the 989 TFLOP/s datasheet figure of an SXM H100/H200), so
@@ -32,7 +33,6 @@ PEAK_BF16_FLOPS = {
 }
 PEAK_FLOPS_ENV = "NITP_PEAK_FLOPS"
 
-MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 
 
 # ---------------------------------------------------------------------------------------------

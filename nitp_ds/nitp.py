@@ -19,9 +19,6 @@ import torch.nn.functional as F
 from nitp_ds.losses import chunked_cross_entropy, nitp_cosine_loss, router_losses, use_compiled_loss
 from nitp_ds.models import experts_per_token
 
-# AutoEP names the module tree of the Hugging Face model `lm.model.layers.N.mlp` inside this wrapper.
-MOE_LAYER_PATTERN = r"lm\.model\.layers\.\d+\.mlp"
-
 
 class SwiGLUHead(nn.Module):
     """P(h) = W_down (silu(W_gate h) ⊙ W_up h): the paper's head, 12d² parameters at width 4d."""

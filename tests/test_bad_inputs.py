@@ -319,7 +319,7 @@ def test_run_dir_that_is_not_a_run_is_refused(scratch):
     from nitp_ds.trainer import prepare_run_dir
 
     with pytest.raises(NITPError, match="out-exists exists and is not an nitp run directory; .*pass --force"):
-        prepare_run_dir(load_config(), scratch / "out-exists", force=False, rank=0)
+        prepare_run_dir(load_config(), scratch / "out-exists", force=False)
 
 
 def test_eval_data_with_a_larger_vocabulary_than_the_model(scratch, tmp_path, monkeypatch, capfd):

@@ -6,6 +6,7 @@ import pytest
 
 from nitp_ds.config import Config, apply_override, dump_yaml, from_dict, load_config, read_yaml, validate
 from nitp_ds.errors import NITPError
+from nitp_ds.resolve import resolve_target_layer
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -43,9 +44,9 @@ def test_yaml_round_trip_is_lossless():
 
 
 def test_default_target_layer_is_a_fifth_of_depth():
-    assert load_config(None, ["model.num_layers=24"]).target_layer == 5
-    assert load_config(None, ["model.num_layers=16"]).target_layer == 3
-    assert load_config(None, ["model.num_layers=2"]).target_layer == 1
+    for layers, k in ((24, 5), (16, 3), (2, 1)):
+        cfg = load_config(None, [f"model.num_layers={layers}"])
+        assert resolve_target_layer(cfg, cfg.model.num_layers) == k
 
 
 BAD = [

@@ -8,7 +8,7 @@ import pytest
 from nitp_ds.config import load_config
 from nitp_ds.ds_config import derive_ds_config, load_ds_config
 from nitp_ds.errors import NITPError
-from nitp_ds.nitp import MOE_LAYER_PATTERN
+from nitp_ds.models.families import MOE_LAYER_PATTERN
 
 ROOT = Path(__file__).resolve().parent.parent
 

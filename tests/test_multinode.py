@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 import runs
-from nitp_ds.trainer import free_port
+from nitp_ds.distributed import free_port
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,7 @@ def test_activation_checkpointing_recomputes_layers_in_backward(tmp_path, pretra
     import torch
 
     from nitp_ds.config import from_dict
-    from nitp_ds.trainer import build_lm
+    from nitp_ds.build import build_lm
 
     model = {"hidden_size": 32, "num_layers": 2, "num_experts": 4, "moe_intermediate_size": 32,
              "intermediate_size": 64, "max_seq_len": 64}

@@ -33,6 +33,7 @@ import torch
 
 from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
 from nitp_ds.errors import NITPError
+from nitp_ds.models.families import AUTOEP_RENAMES, FAMILIES
 
 MODEL_STATES_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 OPTIM_STATES_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -41,17 +42,10 @@ HEAD_PREFIX = "nitp_head."
 LM_PREFIX = "lm."
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
-# (AutoEP suffix, Hugging Face suffix) for single tensors; the fused expert pair is handled apart.
-_RENAMES = [
-    (".mlp.router.gate.weight", ".mlp.gate.weight"),
-    (".mlp.router.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),
-    (".mlp.experts.w2", ".mlp.experts.down_proj"),
-]
-# AutoEP names every shared expert `shared_experts`; Qwen2-MoE's Hugging Face class says `shared_expert`.
-_FAMILY_RENAMES = {
-    "qwen2_moe": [(".mlp.shared_experts_gate.", ".mlp.shared_expert_gate."),
-                  (".mlp.shared_experts.", ".mlp.shared_expert.")],
-}
+# (AutoEP suffix, Hugging Face suffix) for single tensors, from the family table; the fused expert pair is
+# handled apart.
+_RENAMES = AUTOEP_RENAMES
+_FAMILY_RENAMES = {name: family.autoep_renames for name, family in FAMILIES.items() if family.autoep_renames}
 _GATE, _UP = ".mlp.experts.w1", ".mlp.experts.w3"
 _GATE_UP_HF = ".mlp.experts.gate_up_proj"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -164,11 +163,3 @@ def mark_complete(tag_dir: Path, meta: dict[str, Any]) -> None:
 
 def update_latest(ckpt_dir: Path, tag: str) -> None:
     atomic_write_text(ckpt_dir / "latest", tag)
-
-
-def prune(ckpt_dir: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    complete = [(s, d) for s, d in list_tags(ckpt_dir) if is_complete(d)]
-    for _, tag_dir in complete[:-keep_last]:
-        shutil.rmtree(tag_dir, ignore_errors=True)

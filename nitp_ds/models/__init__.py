@@ -1,69 +1,22 @@
 """Building stock Hugging Face MoE models, per family, from a recipe or a local directory.
 
-nitp-ds does not fork modeling code: each family is a table entry that says how the recipe's
-shape fields map onto the family's Hugging Face config, which AutoEP preset serves it, and how
+nitp-ds does not fork modeling code: each family is an entry of the table in `families.py` that says how
+the recipe's shape fields map onto the family's Hugging Face config, which AutoEP preset serves it, and how
 AutoEP's parameter names map back onto the Hugging Face ones (used by `nitp convert`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from nitp_ds.config import ModelConfig
 from nitp_ds.errors import NITPError
+from nitp_ds.models.families import FAMILIES, FAMILY_NAMES, Family, family_of  # noqa: F401 - the family table
 
+if TYPE_CHECKING:
+    import torch
 
-@dataclass(frozen=True)
-class Family:
-    name: str  # also the Hugging Face model_type
-    autoep_preset: str
-    shape_keys: Callable[[ModelConfig], dict[str, Any]]  # recipe shape -> family-specific HF config keys
-    num_experts_key: str
-
-
-def _qwen3_moe(m: ModelConfig) -> dict[str, Any]:
-    return dict(num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
-                moe_intermediate_size=m.moe_intermediate_size, norm_topk_prob=True)
-
-
-def _qwen2_moe(m: ModelConfig) -> dict[str, Any]:
-    return dict(num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
-                moe_intermediate_size=m.moe_intermediate_size, shared_expert_intermediate_size=m.intermediate_size,
-                norm_topk_prob=True)
-
-
-def _mixtral(m: ModelConfig) -> dict[str, Any]:
-    # Mixtral's experts use intermediate_size; the recipe's moe_intermediate_size is the expert width.
-    return dict(num_local_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
-                intermediate_size=m.moe_intermediate_size)
-
-
-def _deepseek(m: ModelConfig) -> dict[str, Any]:
-    head_dim = m.head_dim or m.hidden_size // m.num_heads
-    return dict(n_routed_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
-                moe_intermediate_size=m.moe_intermediate_size, n_shared_experts=1, first_k_dense_replace=1,
-                q_lora_rank=None, kv_lora_rank=max(16, head_dim), qk_rope_head_dim=max(8, head_dim // 2),
-                qk_nope_head_dim=max(8, head_dim // 2), v_head_dim=head_dim, n_group=1, topk_group=1,
-                num_key_value_heads=m.num_heads)
-
-
-FAMILIES: dict[str, Family] = {
-    "qwen3_moe": Family("qwen3_moe", "qwen3_moe", _qwen3_moe, "num_experts"),
-    "qwen2_moe": Family("qwen2_moe", "qwen3_moe", _qwen2_moe, "num_experts"),
-    "mixtral": Family("mixtral", "mixtral", _mixtral, "num_local_experts"),
-    "deepseek_v2": Family("deepseek_v2", "deepseek_v2", _deepseek, "n_routed_experts"),
-    "deepseek_v3": Family("deepseek_v3", "deepseek_v3", _deepseek, "n_routed_experts"),
-}
-
-
-def family_of(model_type: str) -> Family:
-    if model_type not in FAMILIES:
-        raise NITPError(f"model family '{model_type}' is not supported; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[model_type]
+    from nitp_ds.config import ModelConfig
 
 
 def build_hf_config(m: ModelConfig, vocab_size: int):
@@ -103,9 +56,13 @@ def load_pretrained_config(path: str):
     return config
 
 
-def build_model(m: ModelConfig, vocab_size: int, dtype: torch.dtype = torch.float32):
-    """A stock Hugging Face causal LM: loaded from `model.pretrained` or randomly initialised."""
+def build_model(m: ModelConfig, vocab_size: int, dtype: torch.dtype | None = None):
+    """A stock Hugging Face causal LM (float32 unless `dtype`): loaded from `model.pretrained` or randomly
+    initialised."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
 
     config = build_hf_config(m, vocab_size)
     if m.pretrained:
@@ -133,6 +90,7 @@ def compile_decoder_layers(lm) -> None:
     layer's `__call__`), so the layers are compiled as they run. Layers of one class share their
     compiled code: dynamo treats parameters as inputs, so one compilation serves all of them.
     """
+    import torch
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

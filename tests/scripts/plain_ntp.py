@@ -15,7 +15,8 @@ from nitp_ds.config import load_config
 from nitp_ds.data.dataset import TokenLoader, open_data
 from nitp_ds.ds_config import derive_ds_config, load_ds_config
 from nitp_ds.models import build_model
-from nitp_ds.trainer import ensure_dist_env, lr_factor, seed_everything
+from nitp_ds.build import lr_factor, seed_everything
+from nitp_ds.distributed import ensure_dist_env
 
 recipe, ds_path, *overrides = sys.argv[1:]
 ensure_dist_env()

@@ -11,7 +11,8 @@ import sys
 import torch
 
 from nitp_ds.config import load_config
-from nitp_ds.trainer import Trainer, ensure_dist_env
+from nitp_ds.distributed import ensure_dist_env
+from nitp_ds.trainer import Trainer
 
 recipe, ds_path, steps, *overrides = sys.argv[1:]
 ensure_dist_env()

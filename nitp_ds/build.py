@@ -1,0 +1,114 @@
+"""What a run trains: the model (the Hugging Face LM inside NITPModel), its optimizer and lr schedule, and the
+NITPEngine that holds them — `build_engine_for(cfg, run)`.
+
+The model is built identically on every rank (same seed); ZeRO-3 partitions it when the engine is built.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from nitp_ds.config import Config
+from nitp_ds.resolve import ResolvedRun
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Multiplier of optim.lr after `step` optimizer steps (warmup, then cosine / WSD / constant)."""
+    s, total = cfg.schedule, max(cfg.train.steps, 1)
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.kind == "constant":
+        return 1.0
+    floor = s.min_lr_ratio
+    if s.kind == "cosine":
+        progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = total - int(s.decay_ratio * total)
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return 1.0 - (1.0 - floor) * progress
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def build_lm(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    """The Hugging Face model to train, built from the recipe or loaded from model.pretrained."""
+    from nitp_ds.models import build_model
+
+    lm = build_model(cfg.model, vocab_size)
+    # from_pretrained returns a model in eval mode, where Hugging Face layers skip activation checkpointing
+    # (and dropout) until the first evaluation switches them back: train from the first step.
+    lm.train()
+    if cfg.train.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
+    """The LM wrapped with the NITP head and loss parts; decoder layers compiled and made ZeRO-3 fetch units as
+    the recipe asks."""
+    from nitp_ds.nitp import NITPModel
+
+    lm = build_lm(cfg, run.vocab_size)
+    aux_group = None
+    if cfg.moe.aux_loss_scope == "global" and run.world_size > 1:
+        import torch.distributed as dist
+
+        aux_group = lambda: dist.group.WORLD  # noqa: E731
+    model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=run.target_layer,
+                      ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group,
+                      compile_loss=cfg.train.compile_loss)
+    compile_layers = cfg.train.compile_layers if cfg.train.compile_layers is not None else torch.cuda.is_available()
+    if compile_layers:
+        from nitp_ds.models import compile_decoder_layers
+
+        compile_decoder_layers(lm)
+    if cfg.train.zero3_fetch == "layer":
+        # One ZeRO-3 fetch unit per decoder layer, as FSDP wraps per block: DeepSpeed then gathers and
+        # releases a layer's parameters together and runs none of its Python hooks on the submodules
+        # inside (they run around every module, even when its parameters are resident).
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list({type(layer) for layer in lm.model.layers}))
+    return model
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    fused = cfg.optim.fused if cfg.optim.fused is not None else torch.cuda.is_available()
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
+
+
+def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def build_engine_for(cfg: Config, run: ResolvedRun):
+    """The NITPEngine of the run: seeded model (identical initial weights on every rank), optimizer, schedule."""
+    from nitp_ds.engine import build_engine
+
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model = build_nitp_model(cfg, run)
+    optimizer = build_optimizer(cfg, model)
+    return build_engine(model, run.ds_config, optimizer, build_schedule(cfg, optimizer), nitp_weight=cfg.nitp.weight,
+                        aux_weight=cfg.moe.aux_loss_weight, z_weight=cfg.moe.z_loss_weight,
+                        fast_zero_step=cfg.train.fast_zero_step)

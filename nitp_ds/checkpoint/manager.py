@@ -1,0 +1,154 @@
+"""A run's checkpoints: resume, save on a cadence, the meta that marks a save complete, RNG, pruning.
+
+`CheckpointManager` sits on top of DeepSpeed's `save_checkpoint` / `load_checkpoint`; the file-level pieces
+(`nitp_meta.json`, `latest`, finding a complete checkpoint) are in `state.py`, shared with convert and export.
+A save is complete when rank 0 has written `nitp_meta.json` after every rank finished writing; `latest`
+then names it, and the oldest complete ones beyond checkpoint.keep_last are deleted.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nitp_ds.checkpoint import state as ckpt
+from nitp_ds.config import Config
+from nitp_ds.distributed import all_min, barrier, on_every_rank
+from nitp_ds.errors import NITPError
+from nitp_ds.resolve import ResolvedRun
+
+
+class CheckpointManager:
+    """Resume and save for one rank of a run. `progress` is the trainer's RunState (step, consumed_tokens,
+    skipped_steps), which a resume restores; `loader` is the training data loader, whose position is saved."""
+
+    def __init__(self, engine, cfg: Config, run: ResolvedRun, data, progress, loader, *, resume_from: Path | None,
+                 force: bool, is_main: bool, say: Callable[[str], None]):
+        self.engine, self.cfg, self.run, self.data = engine, cfg, run, data
+        self.progress, self.loader = progress, loader
+        self.resume_from, self.force, self.is_main, self.say = resume_from, force, is_main, say
+        self.ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Load the checkpoint that checkpoint.resume names (auto: the newest complete one), if any."""
+        mode = self.cfg.checkpoint.resume
+        if mode == "never" or self.force:
+            return
+        if mode == "auto":
+            tag_dir = ckpt.latest_complete(self.ckpt_dir, warn=self.say)
+            if tag_dir is None:
+                return
+            try:  # an explicit --resume PATH was checked at start-up
+                ckpt.check_expert_layout(ckpt.read_meta(tag_dir), self.run.ds_config, tag_dir)
+            except NITPError as exc:  # every rank reads the same files: rank 0 says it once
+                raise on_every_rank(exc) from None
+        else:
+            tag_dir = self.resume_from
+        engine = self.engine
+        universal = (tag_dir / "zero").is_dir() and not list(tag_dir.glob("*optim_states.pt"))
+        if universal:
+            engine._config.load_universal_checkpoint = True
+        load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+        if load_path is None:
+            raise NITPError(f"could not load checkpoint {tag_dir}; it may be truncated — resume from an earlier "
+                            "global_stepN or pass --resume never")
+        if universal:
+            # DeepSpeed 0.19's ZeRO-3 universal loader hands every parameter sub-group one shared `step` tensor,
+            # which torch's Adam then increments once per sub-group and step (2, 5, 8, … with 3 sub-groups),
+            # skewing the bias correction: each sub-group gets its own copy.
+            for state in engine.optimizer.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        client = client or {}
+        self.progress.step = int(client.get("step", 0))
+        self.progress.consumed_tokens = int(client.get("consumed_tokens", 0))
+        self.progress.skipped_steps = int(client.get("skipped", 0))  # not "skipped_steps": DeepSpeed's own key
+        if "loader" in client:
+            self.loader.load_state_dict(client["loader"])
+        if "rng" in client:
+            restore_rng(client["rng"])
+        self.say(f"resumed from {tag_dir} at step {self.progress.step}")
+
+    # -- save --------------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, last: bool) -> None:
+        """Save at step `step` when it is due: every checkpoint.every steps inside the run; at its last step
+        (`last`: finished or stopped) unless that step's checkpoint is already complete."""
+        if last:
+            if self.cfg.train.steps and not ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(step)):
+                self.save()
+        elif self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0 and step < self.cfg.train.steps:
+            self.save()
+
+    def save(self) -> None:
+        step = self.progress.step
+        tag = ckpt.tag_for(step)
+        tag_dir = self.ckpt_dir / tag
+        if self.is_main and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # a leftover from an interrupted save of this same step
+        barrier()
+        client = {"step": step, "consumed_tokens": self.progress.consumed_tokens,
+                  "skipped": self.progress.skipped_steps, "loader": self.loader.state_dict(), "rng": capture_rng()}
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+            ok = 1
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+            self.say(f"error: checkpoint save to {tag_dir} failed ({getattr(exc, 'strerror', None) or exc}); "
+                     "the previous checkpoint is still valid")
+            ok = 0
+        ok = all_min(ok, self.engine.device)
+        if not ok:
+            if self.is_main:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            raise on_every_rank(NITPError(
+                f"checkpoint save to {tag_dir} failed on at least one rank (disk full or unwritable?); "
+                "the previous checkpoint is intact — free space or fix permissions and resume"))
+        if self.is_main:
+            ckpt.mark_complete(tag_dir, self.meta(step))
+            ckpt.update_latest(self.ckpt_dir, tag)
+            prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        barrier()
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """nitp_meta.json: what convert, export and eval need to rebuild the model without the recipe."""
+        cfg, run = self.cfg, self.run
+        return {"step": step, "hf_config": run.hf_config.to_dict(), "model_type": run.hf_config.model_type,
+                "nitp": {"head": cfg.nitp.head, "head_mult": cfg.nitp.head_mult,
+                         "target_layer": run.target_layer, "weight": cfg.nitp.weight},
+                "tokenizer_dir": str(self.data.tokenizer_dir.resolve()) if self.data.tokenizer_dir else None,
+                "data_dir": str(Path(cfg.data.path).resolve()), "world_size": run.world_size,
+                "autoep_size": run.autoep_size, "consumed_tokens": self.progress.consumed_tokens}
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 keeps all); incomplete ones are left."""
+    if keep_last <= 0:
+        return
+    complete = [(s, d) for s, d in ckpt.list_tags(ckpt_dir) if ckpt.is_complete(d)]
+    for _, tag_dir in complete[:-keep_last]:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

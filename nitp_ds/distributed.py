@@ -1,0 +1,190 @@
+"""The process group of a training job: launcher environment, start, rank agreement, collectives, teardown.
+
+Every rank runs the same code. `ensure_dist_env` gives a process its rank whatever started it,
+`start_process_group` joins the group before anything can fail, and `agree_on_errors` makes a start-up
+error stop every rank together. `leave_process_group` ends it cleanly (and removes DeepSpeed's CPU
+shared-memory buffers). `launch.py` imports from here, never the reverse; torch is imported where it is
+used, so that the launcher starts without it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nitp_ds.errors import NITPError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_dist_env() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK for this process, whatever started it.
+
+    The deepspeed launcher (local, pdsh, --no_ssh) and MPICH set them. OpenMPI's mpirun (`deepspeed
+    --launcher openmpi`) sets only OMPI_COMM_WORLD_*: mapped here, since DeepSpeed's own mapping needs
+    mpi4py and would come too late (the trainer needs its rank before the process group exists). A single
+    process started without a launcher gets a 1-process group.
+    """
+    if "RANK" in os.environ:
+        return
+    if "OMPI_COMM_WORLD_RANK" in os.environ:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise NITPError(f"started by mpirun without {' and '.join(missing)}; export MASTER_ADDR=<address of "
+                            "the first node> and MASTER_PORT=<free port> to every rank (e.g. in .deepspeed_env)")
+        os.environ.update(RANK=os.environ["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=os.environ["OMPI_COMM_WORLD_SIZE"],
+                          LOCAL_RANK=os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+
+
+def world() -> tuple[int, int, int]:
+    """(global rank, world size, local rank). Only the global rank says "rank 0": on the second of two nodes
+    with one process each, LOCAL_RANK is 0 and RANK is 1."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def start_process_group() -> None:
+    """Join the process group before anything can fail, so that ranks can agree on start-up errors."""
+    import torch
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world()[2])  # object collectives on NCCL use the current device
+    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+
+# -- agreeing on errors -----------------------------------------------------------------------------------
+
+
+def on_every_rank(exc: NITPError) -> NITPError:
+    """Mark an error that every rank raises alike: global rank 0 shows it, the other ranks exit quietly."""
+    exc.raised_on_every_rank = True
+    return exc
+
+
+def agree_on_errors(start):
+    """Run `start()` on every rank; if it fails on any rank, every rank stops (none is left waiting in a
+    collective) and global rank 0 shows each distinct error once, naming the ranks when not all had it."""
+    import torch.distributed as dist
+
+    try:
+        result, error = start(), None
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised below
+        result, error = None, exc
+    mine = None if error is None else str(error) if isinstance(error, NITPError) else f"{type(error).__name__}: {error}"
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, mine)
+    failed: dict[str, list[int]] = {}
+    for rank, message in enumerate(messages):
+        if message is not None:
+            failed.setdefault(message, []).append(rank)
+    if not failed:
+        return result
+    if error is not None and not isinstance(error, NITPError):
+        raise error  # not bad input but a bug: its traceback on the rank that hit it
+    if len(failed) == 1 and len(next(iter(failed.values()))) == len(messages):
+        text = next(iter(failed))
+    else:
+        text = "; ".join(f"on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {len(messages)}: "
+                         f"{message}" for message, ranks in failed.items())
+    raise on_every_rank(NITPError(text))
+
+
+# -- collectives (no-ops in a 1-process job) ----------------------------------------------------------------
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_min(value: int, device) -> int:
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([value], device=device, dtype=torch.float32)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return int(flag.item())
+
+
+def all_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and world_size > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and world_size > 1:
+        dist.all_reduce(values)
+        values = values / world_size
+    return values
+
+
+def check_shared_run_dir(run_dir: Path, world_size: int, is_main: bool) -> None:
+    """Every rank must see what rank 0 writes in the run directory: all ranks write their checkpoint shards
+    there, and rank 0 alone marks checkpoints complete. A node-local disk would resume ranks differently.
+    Checked before the model is built, so that a wrong set-up fails in seconds."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    name = [f".shared-check-{os.urandom(6).hex()}" if is_main else None]
+    if is_main:
+        (run_dir / name[0]).touch()
+    dist.broadcast_object_list(name, src=0)  # a fresh name: no cached directory entry can answer for it
+    seen: list[bool | None] = [None] * world_size
+    dist.all_gather_object(seen, (run_dir / name[0]).exists())
+    if is_main:
+        (run_dir / name[0]).unlink()
+    if not all(seen):
+        raise on_every_rank(NITPError(
+            f"train.out_dir {run_dir} is not shared: some rank cannot see what rank 0 writes there "
+            "(a node-local disk?); put it on a filesystem that every node mounts at the same path"))
+
+
+# -- teardown -----------------------------------------------------------------------------------------------
+
+
+def leave_process_group(barrier: bool) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    if "MASTER_PORT" in os.environ and "RANK" in os.environ:  # every rank has mapped the others' by now
+        remove_shm_buffers(os.environ["MASTER_PORT"], os.environ["RANK"])
+
+
+def remove_shm_buffers(port: int | str, rank: int | str = "*") -> None:
+    """Delete DeepSpeed's CPU shared-memory all-reduce buffers of the job on `port` (one rank's, or all).
+
+    DeepSpeed's shm comm op (CPU accelerator) creates /dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK
+    (~66 MB each) and never unlinks it: without this, every CPU run leaks them until /dev/shm (RAM) is full.
+    """
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
