@@ -31,7 +31,6 @@ class DataConfig:
     path: str = ""  # a directory written by `nitp prepare-data`
     seq_len: int = 512
     weights: dict[str, float] = field(default_factory=dict)  # per-source blend weights; empty = the manifest's
-    num_workers: int = 0
 
 
 @dataclass

@@ -113,7 +113,7 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32):
         raise NITPError(f"{path} is a DeepSpeed checkpoint or run directory; run `nitp convert {path} --out DIR` "
                         "and evaluate DIR")
     meta = read_meta(path, fix="re-run `nitp convert`")
-    config = load_config(path, meta)
+    config = load_hf_config(path, meta)
     lm = load_language_model(path, config, dtype)
     lm.config.use_cache = False
     nitp = nitp_settings(meta, path, config)
@@ -130,10 +130,10 @@ def load_model(source: str | Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype), info
 
 
-def load_config(path: Path, meta: dict[str, Any]):
+def load_hf_config(path: Path, meta: dict[str, Any]):
     from transformers import AutoConfig
 
-    from nitp_ds.models import family_of
+    from nitp_ds.models import hf_config_from_dict
 
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(path, local_files_only=True)
@@ -141,10 +141,7 @@ def load_config(path: Path, meta: dict[str, Any]):
     if not isinstance(hf_config, dict) or "model_type" not in hf_config:
         raise NITPError(f"{path} has no config.json (nor an hf_config in {META_FILE}); pass a Hugging Face "
                         "directory (save_pretrained, `nitp export`) or the output of `nitp convert`")
-    keys = {k: v for k, v in hf_config.items()
-            if k not in ("model_type", "transformers_version", "architectures", "_name_or_path")}
-    family_of(hf_config["model_type"])
-    return AutoConfig.for_model(hf_config["model_type"], **keys)
+    return hf_config_from_dict(hf_config)
 
 
 def nitp_settings(meta: dict[str, Any], path: Path, config) -> dict[str, Any] | None:
@@ -327,10 +324,10 @@ def geometry(states: dict[str, list[torch.Tensor]], sample_tokens: int) -> dict[
         results[prefix + "anisotropy"] = anisotropy(sample) if sample.shape[0] >= 2 else float("nan")
         if key == "final":
             results["geometry/tokens"] = int(sample.shape[0])
-    return dict(sorted(results.items(), key=lambda item: _layer_order(item[0])))
+    return dict(sorted(results.items(), key=lambda item: _by_layer(item[0])))
 
 
-def _layer_order(key: str) -> tuple[int, str]:
+def _by_layer(key: str) -> tuple[int, str]:
     parts = key.split("/")
     if len(parts) == 3 and parts[1].startswith("layer"):
         return int(parts[1][5:]) + 1, parts[2]

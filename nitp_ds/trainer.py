@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import shutil
 import signal
@@ -32,6 +31,7 @@ from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum, barrier, ch
 from nitp_ds.ds_config import load_ds_config
 from nitp_ds.errors import NITPError
 from nitp_ds.logs import MetricsLogger, format_train_line
+from nitp_ds.metrics import mfu, perplexity
 from nitp_ds.resolve import resolve_run
 
 RESOLVED = "resolved_config.yaml"
@@ -101,6 +101,7 @@ class Trainer:
         # training, not after it. `val_batches` is pure, so this one loader serves every evaluation.
         self.val_loader = TokenLoader(self.data, "val", cfg.data.seq_len, cfg.train.micro_batch_size,
                                       dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed)
+        self.first_loss: float | None = None  # the first logged loss/ntp, for the summary
         self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world_size * cfg.data.seq_len
 
     def build(self) -> None:
@@ -168,11 +169,9 @@ class Trainer:
     # -- cadences ----------------------------------------------------------------------------
 
     def start_interval(self) -> None:
-        """Loss parts are summed on the device between two log lines; `first_loss` is the first logged."""
+        """Loss parts are summed on the device between two log lines."""
         self.interval: dict[str, torch.Tensor] = {}
         self.interval_steps, self.interval_start = 0, time.perf_counter()
-        if not hasattr(self, "first_loss"):
-            self.first_loss = None
 
     def maybe_log(self, step: int, parts: dict[str, torch.Tensor]) -> None:
         """Add the step's parts to the interval; every logging.every steps and at the last, log the interval."""
@@ -289,7 +288,7 @@ class Trainer:
         sums = all_mean(sums, self.world_size)
         n = max(sums[2].item(), 1.0)
         ntp = sums[0].item() / n
-        return {"val/loss_ntp": ntp, "val/ppl": math.exp(min(ntp, 50)), "val/loss_nitp": sums[1].item() / n}
+        return {"val/loss_ntp": ntp, "val/ppl": perplexity(min(ntp, 50)), "val/loss_nitp": sums[1].item() / n}
 
     def log_eval(self, step: int) -> dict[str, float]:
         record = self.evaluate()
@@ -323,7 +322,7 @@ class Trainer:
         record["skipped_steps"] = self.state.skipped_steps
         flops_per_token, peak = self.flops
         if flops_per_token and peak:
-            record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * self.world_size)
+            record["mfu"] = mfu(record["tokens_per_s"], flops_per_token, peak * self.world_size)
         if torch.cuda.is_available():
             record["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.cfg.logging.expert_load and "load" in interval:

@@ -33,6 +33,7 @@ import torch
 
 from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
 from nitp_ds.errors import NITPError
+from nitp_ds.files import replace_dir
 from nitp_ds.models.families import AUTOEP_RENAMES, FAMILIES
 
 MODEL_STATES_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -119,13 +120,7 @@ def prepare_output(out: str | Path, force: bool) -> tuple[Path, Path]:
 
 
 def commit_output(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    replace_dir(tmp, final)
 
 
 # -- step 1: DeepSpeed's universal conversion -----------------------------------------------------
@@ -166,7 +161,7 @@ class UniversalCheckpoint:
 
     def names(self) -> list[str]:
         on_disk = {p.name for p in (self.root / "zero").iterdir() if (p / "fp32.pt").is_file()}
-        return sorted(on_disk | set(self.buffers), key=_layer_order)
+        return sorted(on_disk | set(self.buffers), key=_param_order)
 
     def load(self, name: str) -> torch.Tensor:
         if name in self.buffers:
@@ -179,7 +174,7 @@ class UniversalCheckpoint:
         return tensor.reshape(shape) if shape is not None else tensor
 
 
-def _layer_order(name: str) -> tuple[int, int, str]:
+def _param_order(name: str) -> tuple[int, int, str]:
     m = re.search(r"\.layers\.(\d+)\.", name)
     if m:
         return (1, int(m.group(1)), name)
@@ -237,18 +232,11 @@ def expected_hf_shapes(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def hf_config_object(hf_config: dict[str, Any]):
-    from transformers import AutoConfig
+    from nitp_ds.models import hf_config_from_dict
 
-    from nitp_ds.models import family_of
-
-    keys = dict(hf_config)
-    model_type = keys.pop("model_type", None)
-    if model_type is None:
+    if hf_config.get("model_type") is None:
         raise NITPError("nitp_meta.json's hf_config has no model_type; re-save the checkpoint or add it")
-    family_of(model_type)
-    for k in ("transformers_version", "architectures", "_name_or_path"):
-        keys.pop(k, None)
-    return AutoConfig.for_model(model_type, **keys)
+    return hf_config_from_dict(hf_config)
 
 
 def infer_model_type(meta: dict[str, Any], univ: UniversalCheckpoint) -> str:
@@ -268,7 +256,7 @@ def infer_model_type(meta: dict[str, Any], univ: UniversalCheckpoint) -> str:
 
 # -- writing --------------------------------------------------------------------------------------
 
-class ShardWriter:
+class SafetensorsShardWriter:
     """Accumulates tensors up to `max_bytes` per shard; names files like save_pretrained at the end."""
 
     def __init__(self, directory: Path, prefix: str, max_bytes: int):
@@ -320,8 +308,8 @@ def write_safetensors(univ: UniversalCheckpoint, out: Path, *, model_type: str, 
     hf_config = meta.get("hf_config")
     expected = expected_hf_shapes(hf_config) if hf_config else None
     seen: set[str] = set()
-    model = ShardWriter(out, "model", max_shard_bytes)
-    head = ShardWriter(out, "nitp_head", 1 << 62)  # small: always one file
+    model = SafetensorsShardWriter(out, "model", max_shard_bytes)
+    head = SafetensorsShardWriter(out, "nitp_head", 1 << 62)  # small: always one file
     names = univ.names()
     total = len(names) - sum(n.endswith(_UP) for n in names)
     with Progress(TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

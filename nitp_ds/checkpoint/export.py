@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -165,7 +164,3 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
         AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(out)
     except (OSError, ValueError) as exc:
         raise NITPError(f"cannot load a tokenizer from {source} ({exc}); pass --tokenizer DIR") from None
-
-
-def describe(result: ExportResult) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}

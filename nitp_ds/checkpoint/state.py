@@ -10,13 +10,12 @@ directory is skipped with a warning.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from nitp_ds.errors import NITPError
+from nitp_ds.files import atomic_write_text  # noqa: F401 - also used from here by callers
 
 META = "nitp_meta.json"
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -24,20 +23,6 @@ TAG_RE = re.compile(r"^global_step(\d+)$")
 
 def tag_for(step: int) -> str:
     return f"global_step{step}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def is_complete(tag_dir: Path) -> bool:

@@ -41,6 +41,7 @@ from nitp_ds.data.sources import ReadStats, SourceSpec, iter_documents, parse_so
 from nitp_ds.data.tokenizer import (load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer,
                                     vocab_size_of)
 from nitp_ds.errors import NITPError
+from nitp_ds.files import replace_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -92,7 +93,7 @@ def prepare_data(
     try:
         manifest = _prepare_into(tmp_dir, specs, args, text_key, num_workers, progress, tokenizer_train_bytes,
                                  word_cache)
-        _replace_dir(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -130,7 +131,7 @@ def _prepare_into(tmp_dir: Path, specs: list[SourceSpec], args: dict, text_key: 
     eos_id = int(tokenizer.eos_token_id)
     del tokenizer  # workers load tokenizer.json themselves
 
-    writers = {(split, s.name): ShardWriter(tmp_dir / split / s.name, dtype, args["shard_tokens"])
+    writers = {(split, s.name): TokenShardWriter(tmp_dir / split / s.name, dtype, args["shard_tokens"])
                for split in SPLITS for s in specs}
     read_stats = {s.name: ReadStats() for s in specs}
     total_weight = sum(s.weight for s in specs)
@@ -212,16 +213,6 @@ def _check_source(spec: SourceSpec, stats: ReadStats, writers) -> None:
     if writers[("train", spec.name)].tokens == 0:
         raise NITPError(f"source {spec.name!r} has no training documents after the val split; "
                         "lower --val-fraction / --val-tokens or add data")
-
-
-def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():  # only reached with force
-        old = out_dir.parent / f".{out_dir.name}.replaced-{os.getpid()}"
-        os.rename(out_dir, old)
-    os.rename(tmp_dir, out_dir)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +314,7 @@ def document_uniforms(seed: int, source_index: int, numbers: np.ndarray) -> np.n
 # ---------------------------------------------------------------------------------------------
 
 
-def _append_documents(writer: "ShardWriter", tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> None:
+def _append_documents(writer: "TokenShardWriter", tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> None:
     if not keep.any():
         return
     if keep.all():
@@ -335,7 +326,7 @@ def _append_documents(writer: "ShardWriter", tokens: np.ndarray, lengths: np.nda
     writer.write(picked, lengths[keep])
 
 
-class ShardWriter:
+class TokenShardWriter:
     """Appends documents to numbered shard files, hashing as it goes, and records document offsets."""
 
     def __init__(self, directory: Path, dtype, shard_tokens: int):

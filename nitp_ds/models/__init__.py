@@ -56,6 +56,17 @@ def load_pretrained_config(path: str):
     return config
 
 
+def hf_config_from_dict(hf_config: dict[str, Any]):
+    """A Hugging Face config back from its `to_dict()` (nitp_meta.json's hf_config), family checked; the
+    caller checks that it names a model_type."""
+    from transformers import AutoConfig
+
+    keys = {k: v for k, v in hf_config.items()
+            if k not in ("model_type", "transformers_version", "architectures", "_name_or_path")}
+    family_of(hf_config["model_type"])
+    return AutoConfig.for_model(hf_config["model_type"], **keys)
+
+
 def build_model(m: ModelConfig, vocab_size: int, dtype: torch.dtype | None = None):
     """A stock Hugging Face causal LM (float32 unless `dtype`): loaded from `model.pretrained` or randomly
     initialised."""
