@@ -13,7 +13,7 @@ from nitp_ds import trainer as t
 from nitp_ds.config import load_config
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
-cfg.train.eval_batches = 1
+cfg.train.eval_tokens = cfg.data.seq_len
 t.Trainer.save = lambda self: None
 profile_path = os.environ.get("NITP_BENCH_PROFILE")
 if profile_path:

@@ -98,8 +98,8 @@ def report(args) -> None:
         if not (run / "checkpoints" / "latest").exists():
             continue
         nitp("convert", str(run), "--out", str(args.out / f"converted_{arm}"), "--force")
-        nitp("eval", str(args.out / f"converted_{arm}"), "--data", str(args.out / "data"), "--batches",
-             str(args.eval_batches), "--seq-len", str(args.seq_len), "--per-layer", "--out",
+        nitp("eval", str(args.out / f"converted_{arm}"), "--data", str(args.out / "data"), "--tokens",
+             str(args.eval_tokens), "--seq-len", str(args.seq_len), "--per-layer", "--out",
              str(args.out / f"eval_{arm}.json"))
         if not args.no_plot:
             nitp("plot", str(run), "--out", str(args.out / f"plots_{arm}"))
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--ds-config", default="ds_configs/zero3_moe.json")
     parser.add_argument("--arms", nargs="*", default=[])
     parser.add_argument("--sequential", action="store_true")
-    parser.add_argument("--eval-batches", type=int, default=40)
+    parser.add_argument("--eval-tokens", type=int, default=1_000_000, help="cap on scored val tokens")
     parser.add_argument("--seq-len", type=int, default=1024, help="eval sequence length (the recipe's)")
     parser.add_argument("--no-plot", action="store_true", help="skip `nitp plot` (e.g. where matplotlib is absent)")
     parser.add_argument("--set", action="append", default=[])

@@ -26,7 +26,7 @@ def run_one(args, extra: list[str], out_dir: Path) -> dict:
             "train.eval_every=0", "checkpoint.every=0", "checkpoint.resume=never", "logging.every=5",
             "logging.tensorboard=false", *args.set, *extra]
     code = ("import sys; from nitp_ds.config import load_config; from nitp_ds.trainer import train; "
-            "cfg = load_config(sys.argv[1], sys.argv[3:]); cfg.train.eval_batches = 1; "
+            "cfg = load_config(sys.argv[1], sys.argv[3:]); cfg.train.eval_tokens = cfg.data.seq_len; "
             "import nitp_ds.checkpoint.manager as m; m.CheckpointManager.save = lambda self: None; "  # time training, not checkpoint I/O
             "train(cfg, sys.argv[2], force=True)")
     subprocess.run([sys.executable, "-c", code, args.recipe, args.ds_config, *sets], check=True,

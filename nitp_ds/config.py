@@ -96,7 +96,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 1234
     eval_every: int = 200  # 0: only at the end
-    eval_batches: int = 20
+    eval_tokens: int = 1_000_000  # cap on scored validation tokens, spread over the whole val split (evaluate.py)
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 8192  # cross-entropy is computed this many tokens at a time
     compile_loss: bool | None = None  # torch.compile the cross-entropy's softmax gradient; None: on CUDA only
@@ -167,8 +167,25 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
+# Keys that were replaced by others: a recipe or override that sets one is refused with the replacement named.
+REPLACED_KEYS = {
+    "train.eval_batches": "train.eval_tokens, a cap on scored validation tokens spread evenly over the whole val "
+                          "split (default 1,000,000; docs/metrics.md)",
+}
+
+
+def from_dict(raw: dict[str, Any], drop_replaced: bool = False) -> Config:
+    """The config tree of a recipe's mapping; `drop_replaced` ignores REPLACED_KEYS instead of refusing them (for a
+    run directory's resolved_config.yaml written by an older version)."""
+    if drop_replaced:
+        raw = {section: ({k: v for k, v in values.items() if f"{section}.{k}" not in REPLACED_KEYS}
+                         if isinstance(values, dict) else values) for section, values in raw.items()}
     return _build(Config, raw, prefix="")
+
+
+def _refuse_replaced(dotted: str) -> None:
+    if dotted in REPLACED_KEYS:
+        raise NITPError(f"'{dotted}' was replaced by {REPLACED_KEYS[dotted]}; set that instead")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -195,6 +212,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
+            _refuse_replaced(f"{prefix}{key}")
             raise NITPError(f"unknown key '{prefix}{key}'{_did_you_mean(str(key), names, prefix)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -305,6 +323,7 @@ def apply_override(cfg: Config, item: str) -> None:
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]
         if part not in names:
+            _refuse_replaced(f"{prefix}{part}")
             raise NITPError(f"unknown key '{prefix}{part}' in override '{item}'{_did_you_mean(part, names, prefix)}")
         hint = typing.get_type_hints(type(target))[part]
         if i == len(parts) - 1:
@@ -379,7 +398,8 @@ def validate(cfg: Config) -> Config:
     need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     need(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
-    need(t.eval_batches >= 1, f"train.eval_batches must be >= 1, got {t.eval_batches}")
+    need(t.eval_tokens >= cfg.data.seq_len, f"train.eval_tokens ({t.eval_tokens}) must be at least one sequence "
+         f"of data.seq_len = {cfg.data.seq_len} tokens")
     need(t.ce_chunk_tokens >= 1, f"train.ce_chunk_tokens must be >= 1, got {t.ce_chunk_tokens}")
     need(t.gc_every >= 0, f"train.gc_every must be >= 0 (0: Python's automatic garbage collection), got {t.gc_every}")
     need(t.zero3_fetch in ("layer", "module"), f"train.zero3_fetch must be 'layer' or 'module', got '{t.zero3_fetch}'")

@@ -123,7 +123,7 @@ def demo_recipe(out: Path, steps: int, quick: bool) -> dict[str, Any]:
                          num_experts=4, experts_per_token=2, moe_intermediate_size=64 if quick else 128,
                          intermediate_size=256, max_seq_len=256)
     base["train"].update(out_dir=str(out / "run"), steps=steps, micro_batch_size=4 if quick else 8,
-                         eval_every=max(steps // 2, 1), eval_batches=4)
+                         eval_every=max(steps // 2, 1))
     base["optim"].update(lr=3e-3)
     base["schedule"].update(kind="cosine", warmup_steps=max(steps // 10, 1))
     base["checkpoint"] = {"every": 0, "keep_last": 2, "resume": "never"}
@@ -197,7 +197,7 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
     from nitp_ds.evaluate import evaluate
 
     exported = export_checkpoint(out / "run", out / "hf", dtype="fp32", verify=True, show_progress=not quick)
-    metrics = evaluate(out / "hf", out / "data", batches=4, seq_len=demo_recipe(out, steps, quick)["data"]["seq_len"],
+    metrics = evaluate(out / "hf", out / "data", seq_len=demo_recipe(out, steps, quick)["data"]["seq_len"],
                        sample_tokens=1024, out_json=out / "eval.json")
     timings["export+eval"] = time.perf_counter() - t
 
@@ -227,7 +227,7 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
     console.print(table)
     console.print("next:\n"
                   f"  nitp plot {out / 'run'} --out {out / 'plots'}\n"
-                  f"  nitp eval {out / 'hf'} --data {out / 'data'}\n"
+                  f"  nitp eval {out / 'run'}\n"
                   "  # the same run without NITP, then both runs' curves overlaid:\n"
                   f"  nitp train --config {recipe} --ds-config {ds_config} --nproc {nproc} "
                   f"--set nitp.weight=0 --set nitp.head=none --set train.out_dir={out / 'run-ntp'}\n"

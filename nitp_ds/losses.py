@@ -122,6 +122,28 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return total / count.clamp(min=1), count
 
 
+def cross_entropy_per_row(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of each row and its count of scored positions (no gradient).
+
+    `hidden` is [B, T, d], `labels` [B, T]; returns two float32 tensors [B]. The same per-token loss as
+    `chunked_cross_entropy` (fp32 log-sum-exp, `chunk_tokens` rows of logits at a time), kept per row
+    so that an evaluation can give a standard error over sequences.
+    """
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_y = labels.reshape(-1)
+    per_token = torch.empty(flat_y.shape, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, flat_h.shape[0], chunk_tokens):
+            y = flat_y[start:start + chunk_tokens]
+            valid = y != IGNORE
+            x = (flat_h[start:start + chunk_tokens] @ weight.t()).float()
+            picked = x.gather(1, torch.where(valid, y, torch.zeros_like(y)).unsqueeze(1)).squeeze(1)
+            per_token[start:start + chunk_tokens] = (torch.logsumexp(x, dim=-1) - picked) * valid
+    rows = labels.shape[0]
+    return per_token.reshape(rows, -1).sum(1), (labels != IGNORE).reshape(rows, -1).sum(1).float()
+
+
 def nitp_cosine_loss(prediction: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_NITP = mean of 1 - cos(P(h_t), sg(z_{t+1})) over positions t whose label is kept.
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nitp_ds.losses import chunked_cross_entropy, nitp_cosine_loss, router_losses, use_compiled_loss
+from nitp_ds.losses import (chunked_cross_entropy, cross_entropy_per_row, nitp_cosine_loss, router_losses,
+                            use_compiled_loss)
 from nitp_ds.models import experts_per_token
 
 
@@ -112,9 +113,15 @@ class NITPModel(nn.Module):
         self._target = None
         hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
-        ntp, tokens = chunked_cross_entropy(hidden, weight, labels, self.ce_chunk_tokens,
-                                            compiled=use_compiled_loss(self.compile_loss, hidden.device))
-        parts = {"ntp": ntp, "tokens": tokens}
+        if torch.is_grad_enabled():
+            ntp, tokens = chunked_cross_entropy(hidden, weight, labels, self.ce_chunk_tokens,
+                                                compiled=use_compiled_loss(self.compile_loss, hidden.device))
+            parts = {"ntp": ntp, "tokens": tokens}
+        else:  # evaluation: the same loss kept per sequence, for the standard error of the validation loss
+            row_sums, row_tokens = cross_entropy_per_row(hidden, weight, labels, self.ce_chunk_tokens)
+            tokens = row_tokens.sum()
+            parts = {"ntp": row_sums.sum() / tokens.clamp(min=1), "tokens": tokens.long(),
+                     "ntp_rows": row_sums, "tokens_rows": row_tokens}
         if self.nitp_head is not None:
             parts["nitp"] = nitp_cosine_loss(self.nitp_head(hidden), self._target, labels)
         else:

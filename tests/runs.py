@@ -23,7 +23,7 @@ NITP = [sys.executable, "-m", "nitp_ds.cli"]
 
 TINY = {
     "model.hidden_size": 32, "model.num_layers": 2, "data.seq_len": 32, "train.micro_batch_size": 2,
-    "logging.every": 1, "train.deterministic": "true", "train.eval_every": 0, "train.eval_batches": 1,
+    "logging.every": 1, "train.deterministic": "true", "train.eval_every": 0, "train.eval_tokens": 64,
     "train.steps": 6, "checkpoint.every": 3, "checkpoint.keep_last": 0,
 }
 

@@ -190,6 +190,9 @@ HERE = [
     ("train-autoep-size-vs-experts", ["train", "--config", "debug", "--ds-config", "autoep2.json", "--nproc", "2",
                                       "--set", "model.num_experts=3", "--set", "data.path=data", "--print-config"],
      ["autoep_size (2) does not divide model.num_experts (3)", "choose an autoep_size that divides 3"]),
+    ("train-eval-batches-replaced", ["train", "--config", "debug", "--set", "train.eval_batches=20",
+                                     "--print-config"],
+     ["'train.eval_batches' was replaced by train.eval_tokens", "set that instead"]),
     # data-info
     ("data-info-missing-dir", ["data-info", "no-data"], ["data directory no-data does not exist", "nitp prepare-data"]),
     ("data-info-not-a-data-dir", ["data-info", "emptydir"],
@@ -224,8 +227,10 @@ HERE = [
     # eval
     ("eval-not-a-model-dir", ["eval", "data", "--data", "data"],
      ["data has no config.json", "pass a Hugging Face directory"]),
-    ("eval-run-dir", ["eval", "run-dir", "--data", "data"],
-     ["run-dir is a DeepSpeed checkpoint or run directory", "run `nitp convert run-dir --out DIR`"]),
+    ("eval-run-dir-without-checkpoints", ["eval", "run-dir", "--data", "data"],
+     ["run-dir is not a checkpoint", "pass a run directory, its checkpoints/ directory"]),
+    ("eval-batches-replaced", ["eval", "run-dir", "--data", "data", "--batches", "20"],
+     ["--batches was replaced by --tokens", "pass e.g. --tokens 1000000"]),
     ("eval-data-missing", ["eval", "run-dir", "--data", "no-data"],
      ["data directory no-data does not exist", "nitp prepare-data"]),
     ("eval-out-is-a-directory", ["eval", "run-dir", "--data", "data", "--out", "emptydir"],

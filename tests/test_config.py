@@ -70,6 +70,7 @@ BAD = [
     (["train.compile_loss=sometimes"], "train.compile_loss must be true or false"),
     (["train.fast_zero_step=maybe"], "train.fast_zero_step must be true or false"),
     (["train.gc_every=-1"], "train.gc_every must be >= 0"),
+    (["train.eval_tokens=63"], "train.eval_tokens (63) must be at least one sequence of data.seq_len = 64 tokens"),
     (["moe.aux_loss_scope=world"], "moe.aux_loss_scope 'world' is not one of"),
     (["train=3"], "names a whole section"),
     (["train.steps"], "must look like section.key=value"),
@@ -89,6 +90,15 @@ def test_unknown_key_in_recipe_file(tmp_path):
     path.write_text("model:\n  hiden_size: 8\n")
     with pytest.raises(NITPError, match="unknown key 'model.hiden_size'; did you mean 'model.hidden_size'"):
         load_config(path)
+
+
+def test_a_replaced_key_names_its_replacement_and_old_run_configs_still_load(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  eval_batches: 20\n")
+    with pytest.raises(NITPError, match="'train.eval_batches' was replaced by train.eval_tokens, a cap on scored"):
+        load_config(path)
+    # A run directory's resolved_config.yaml written before the change: read back with the key ignored.
+    assert from_dict(read_yaml(path), drop_replaced=True).train.eval_tokens == 1_000_000
 
 
 def test_recipe_that_is_not_yaml(tmp_path):

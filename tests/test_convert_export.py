@@ -76,11 +76,11 @@ def final_eval(run_dir) -> dict:
 
 
 def evaluate_like_the_trainer(model_dir, data) -> dict:
-    """The trainer's evaluation rows (micro-batch 0 of each rank) as one batch of world size x micro-batch rows."""
+    """`nitp eval` with the trainer's sequence length and token cap: the same sample, the same function."""
     from nitp_ds.evaluate import evaluate
 
-    return evaluate(model_dir, data, batches=1, batch_size=NPROC * runs.TINY["train.micro_batch_size"],
-                    seq_len=runs.TINY["data.seq_len"], device="cpu", dtype=torch.float32)
+    return evaluate(model_dir, data, max_tokens=runs.TINY["train.eval_tokens"], seq_len=runs.TINY["data.seq_len"],
+                    device="cpu", dtype=torch.float32)
 
 
 def test_export_reproduces_the_training_losses(trained, data, tmp_path):
@@ -181,8 +181,8 @@ def test_a_run_with_hugging_face_experts_exports_and_refuses_an_autoep_resume(da
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     exported = export_checkpoint(run_dir, tmp_path / "hf", dtype="fp32", verify=True, show_progress=False)
     assert exported.max_abs_diff <= 1e-4
-    ours = evaluate(exported.out, data, batches=1, batch_size=runs.TINY["train.micro_batch_size"],
-                    seq_len=runs.TINY["data.seq_len"], device="cpu", dtype=torch.float32)
+    ours = evaluate(exported.out, data, max_tokens=runs.TINY["train.eval_tokens"], seq_len=runs.TINY["data.seq_len"],
+                    device="cpu", dtype=torch.float32)
     assert ours["val/loss_ntp"] == pytest.approx(final_eval(run_dir)["val/loss_ntp"], abs=LOSS_TOL)
 
     resumed = tmp_path / "resumed"

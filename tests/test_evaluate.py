@@ -1,88 +1,148 @@
-"""`evaluate` on tiny saved models with a tiny validation set behind the data-loader API."""
+"""The one validation loss (`validation_loss`) and `nitp eval`, on real prepared data and tiny real models.
+
+The trainer-side agreement (the trainer's final evaluation on 2 ZeRO-3 ranks = `nitp eval` of its checkpoint and
+of its export) is `test_trainer_and_nitp_eval_agree_on_checkpoint_and_export` at the end.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import types
+import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nitp_ds.config import ModelConfig
 from nitp_ds.errors import NITPError
-from nitp_ds.evaluate import evaluate
+from nitp_ds.evaluate import (SUMS, ValidationLoss, batch_sums, evaluate, rank_batches, read_window,
+                              validation_loss, validation_windows)
 from nitp_ds.models import build_model
 from nitp_ds.nitp import NITPModel
 
-VOCAB = 97
 SEQ = 16
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "lorem", "ipsum"]
 
 
-class FakeData:
-    """Stands in for what `open_data` returns: a fixed random validation token stream."""
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two sources of random-word documents, a fifth of each in val (about 1,900 val tokens)."""
+    from nitp_ds.data.dataset import open_data
+    from nitp_ds.data.prepare import prepare_data
 
-    def __init__(self, path):
-        self.path = path
-        self.vocab_size = VOCAB
-        self.tokens = torch.randint(0, VOCAB, (4096,), generator=torch.Generator().manual_seed(7))
-
-
-class FakeTokenLoader:
-    """The TokenLoader API that `evaluate` is written against: val_batches(n) yields n batches."""
-
-    calls: list = []
-
-    def __init__(self, data, split, seq_len, micro_batch_size, seed=0):
-        FakeTokenLoader.calls.append((split, seq_len, micro_batch_size, seed))
-        self.data, self.seq_len, self.batch_size = data, seq_len, micro_batch_size
-
-    def val_batches(self, n):
-        span = self.seq_len + 1
-        for b in range(n):
-            rows = [self.data.tokens[(b * self.batch_size + r) * span:(b * self.batch_size + r + 1) * span]
-                    for r in range(self.batch_size)]
-            window = torch.stack(rows)
-            yield {"input_ids": window[:, :-1].clone(), "labels": window[:, 1:].clone()}
+    root = tmp_path_factory.mktemp("eval-data")
+    rng = random.Random(0)
+    for name, docs in (("a", 60), ("b", 30)):
+        lines = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) for _ in range(docs)]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    prepare_data([f"a={root / 'a.jsonl'}", f"b={root / 'b.jsonl'}"], root / "data", train_vocab_size=300,
+                 val_fraction=0.2, num_workers=1, progress=False)
+    return open_data(root / "data")
 
 
-@pytest.fixture
-def fake_loader(monkeypatch):
-    module = types.ModuleType("nitp_ds.data.dataset")
-    module.open_data = FakeData
-    module.TokenLoader = FakeTokenLoader
-    monkeypatch.setitem(sys.modules, "nitp_ds.data.dataset", module)
-    FakeTokenLoader.calls = []
-    return FakeTokenLoader
-
-
-def tiny_lm(vocab=VOCAB):
-    torch.manual_seed(0)
+def tiny_lm(vocab=300, seed=0):
+    torch.manual_seed(seed)
     m = ModelConfig(family="qwen3_moe", hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=4,
                     experts_per_token=2, moe_intermediate_size=16, intermediate_size=64, max_seq_len=64)
     return build_model(m, vocab_size=vocab)
 
 
-def test_hf_directory_reports_ntp_loss_perplexity_and_geometry(tmp_path, fake_loader):
+def global_index(data, window) -> int:
+    """A window's position among all val windows of the split, sources one after another."""
+    source, start = window
+    before = sum((data.source_tokens("val", s) - 1) // SEQ for s in data.source_names[:data.source_names.index(source)])
+    return before + start // SEQ
+
+
+def test_the_sample_spans_the_whole_split_evenly_up_to_the_cap(data):
+    total = sum((data.source_tokens("val", s) - 1) // SEQ for s in data.source_names)
+    assert total > 60
+    everything = validation_windows(data, SEQ, max_tokens=10**9)
+    assert [global_index(data, w) for w in everything] == list(range(total))  # under the cap: the whole split
+
+    capped = validation_windows(data, SEQ, max_tokens=20 * SEQ + SEQ - 1)
+    positions = [global_index(data, w) for w in capped]
+    assert len(positions) == 20 and positions == sorted(set(positions))
+    assert positions[0] < total / 20 and positions[-1] >= total - total / 20  # from the start to the end
+    assert sum(p < total / 2 for p in positions) == 10  # both halves, evenly
+    gaps = [b - a for a, b in zip(positions, positions[1:])]
+    assert max(gaps) - min(gaps) <= 1
+    sources = [s for s, _ in capped]  # each source in proportion to its val windows
+    share_a = ((data.source_tokens("val", "a") - 1) // SEQ) / total
+    assert abs(sources.count("a") / 20 - share_a) <= 1 / 20
+    assert validation_windows(data, SEQ, max_tokens=20 * SEQ) == capped  # a function of the data and cap only
+
+
+def test_the_loss_is_token_weighted_with_a_standard_error_over_windows(data):
+    """Against an independent computation: full logits and F.cross_entropy, one window at a time."""
+    lm = tiny_lm()
+    model = NITPModel(lm, head="swiglu", head_mult=2, target_layer=1).eval()
+    result = validation_loss(model, data, seq_len=SEQ, max_tokens=30 * SEQ, batch_size=4)
+    per_window, nitp = [], []
+    with torch.no_grad():
+        for window in validation_windows(data, SEQ, 30 * SEQ):
+            tokens = torch.from_numpy(read_window(data, window, SEQ))[None]
+            logits = lm(tokens[:, :-1]).logits
+            per_window.append(float(F.cross_entropy(logits[0].double(), tokens[0, 1:])))
+            with torch.enable_grad():  # the training path of the loss: chunked cross-entropy, with gradients
+                nitp.append(float(model(tokens[:, :-1], tokens[:, 1:])["nitp"].detach()))
+    n = len(per_window)
+    mean = sum(per_window) / n
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in per_window) / (n - 1) / n)
+    assert (result.windows, result.tokens, result.seq_len) == (30, 30 * SEQ, SEQ)
+    assert result.loss == pytest.approx(mean, rel=1e-5)
+    assert result.stderr == pytest.approx(stderr, rel=1e-4)
+    assert result.nitp == pytest.approx(sum(nitp) / n, rel=1e-5)
+    record = result.record()
+    assert record["val/ppl"] == pytest.approx(math.exp(mean), rel=1e-5) and record["val/loss_ntp_se"] > 0
+    again = validation_loss(model, data, seq_len=SEQ, max_tokens=30 * SEQ, batch_size=7)  # batch size: rounding only
+    assert again.loss == pytest.approx(result.loss, abs=1e-6)
+
+
+def test_ranks_split_the_sample_in_lockstep_and_their_sums_add_up_to_one_process(data):
+    """What the all-reduce adds: each rank's sums over its share; together they equal one process's sums."""
+    model = NITPModel(tiny_lm(), head="none", target_layer=0).eval()
+    windows = validation_windows(data, SEQ, 23 * SEQ)  # 23 windows: not a multiple of 3 ranks x 2 rows
+
+    def sums(rank, world):
+        batches = list(rank_batches(data, windows, SEQ, 2, rank, world))
+        total = torch.zeros(len(SUMS), dtype=torch.float64)
+        with torch.no_grad():
+            for batch in batches:
+                total += batch_sums(model(batch["input_ids"], batch["labels"]), batch["labels"])
+        return len(batches), total
+
+    one_steps, one = sums(0, 1)
+    three = [sums(rank, 3) for rank in range(3)]
+    assert one_steps == 12 and {steps for steps, _ in three} == {4}  # every rank runs the same forward passes
+    assert torch.allclose(sum(total for _, total in three), one, rtol=1e-9, atol=1e-6)
+    a = ValidationLoss.from_sums(one.tolist(), SEQ, has_head=False)
+    b = ValidationLoss.from_sums(sum(t for _, t in three).tolist(), SEQ, has_head=False)
+    assert (a.tokens, a.windows) == (b.tokens, b.windows) == (23 * SEQ, 23)
+    assert b.loss == pytest.approx(a.loss, abs=1e-6) and b.stderr == pytest.approx(a.stderr, rel=1e-5)
+
+
+def test_nitp_eval_of_a_hugging_face_directory(tmp_path, data):
     tiny_lm().save_pretrained(tmp_path / "hf")
     out = tmp_path / "eval.json"
-    results = evaluate(tmp_path / "hf", tmp_path / "data", batches=3, seq_len=SEQ, batch_size=2,
-                       sample_tokens=64, out_json=out)
-    assert fake_loader.calls == [("val", SEQ, 2, 0)]
-    assert results["val/tokens"] == 3 * 2 * SEQ
+    results = evaluate(tmp_path / "hf", data.path, max_tokens=12 * 64, batch_size=5, sample_tokens=64, out_json=out)
+    # no training length recorded: the model's context (max_position_embeddings 64), said so
+    assert results["val/seq_len"] == 64 and "max_position_embeddings" in results["seq_len_from"]
+    assert results["val/tokens"] == 12 * 64 and results["val/windows"] == 12
     assert results["val/ppl"] == pytest.approx(math.exp(results["val/loss_ntp"]))
-    assert abs(results["val/loss_ntp"] - math.log(VOCAB)) < 0.5  # a random model is near uniform
+    assert abs(results["val/loss_ntp"] - math.log(300)) < 0.5  # a random model is near uniform
+    assert 0 < results["val/loss_ntp_se"] < 0.5
     assert "val/loss_nitp" not in results
-    assert results["geometry/tokens"] == 64  # ceil(64/3) per batch, cut to the sample size
+    assert results["geometry/tokens"] == 64
     assert 1.0 <= results["geometry/effective_rank"] <= 32.0
     assert -1.0 <= results["geometry/anisotropy"] <= 1.0
     assert results["val/moe/max_over_mean"] >= 1.0
     assert json.loads(out.read_text())["val/loss_ntp"] == pytest.approx(results["val/loss_ntp"])
 
 
-def test_consolidated_checkpoint_with_head_reports_the_nitp_loss(tmp_path, fake_loader):
+def test_nitp_eval_of_convert_output_with_a_head_takes_its_training_length(tmp_path, data):
     """The layout `nitp convert` writes: model.safetensors, nitp_head.safetensors, nitp_meta.json, no config.json."""
     lm = tiny_lm()
     model = NITPModel(lm, head="swiglu", head_mult=2, target_layer=1)
@@ -91,72 +151,59 @@ def test_consolidated_checkpoint_with_head_reports_the_nitp_loss(tmp_path, fake_
     (directory / "config.json").unlink()
     save_file({k: v.contiguous() for k, v in model.nitp_head.state_dict().items()},
               str(directory / "nitp_head.safetensors"))
-    meta = {"step": 10, "hf_config": lm.config.to_dict(), "model_type": "qwen3_moe",
-            "nitp": {"head": "swiglu", "head_mult": 2, "target_layer": 1, "weight": 1.0}}
+    meta = {"step": 10, "hf_config": lm.config.to_dict(), "model_type": "qwen3_moe", "seq_len": SEQ,
+            "data_dir": str(data.path), "nitp": {"head": "swiglu", "head_mult": 2, "target_layer": 1, "weight": 1.0}}
     (directory / "nitp_meta.json").write_text(json.dumps(meta))
-    results = evaluate(directory, "data", batches=2, seq_len=SEQ, batch_size=2, sample_tokens=32, per_layer=True)
+    results = evaluate(directory, max_tokens=20 * SEQ, sample_tokens=32, per_layer=True)  # data from the meta
 
-    batches = list(FakeTokenLoader(FakeData("data"), "val", SEQ, 2).val_batches(2))
-    model.eval()
-    with torch.no_grad():
-        expected = [model(b["input_ids"], b["labels"]) for b in batches]
-    assert results["val/loss_ntp"] == pytest.approx(sum(float(p["ntp"]) for p in expected) / 2, rel=1e-5)
-    assert results["val/loss_nitp"] == pytest.approx(sum(float(p["nitp"]) for p in expected) / 2, rel=1e-5)
+    expected = validation_loss(model, data, seq_len=SEQ, max_tokens=20 * SEQ)
+    assert results["val/seq_len"] == SEQ and results["seq_len_from"].endswith("nitp_meta.json")
+    assert results["data"] == str(data.path)
+    assert results["val/loss_ntp"] == pytest.approx(expected.loss, rel=1e-6)
+    assert results["val/loss_nitp"] == pytest.approx(expected.nitp, rel=1e-6)
     assert results["nitp_head"] == "swiglu" and results["target_layer"] == 1
     for k in range(4):  # embedding output and the output of each of the 3 blocks
         assert f"geometry/layer{k}/effective_rank" in results
         assert f"geometry/layer{k}/anisotropy" in results
 
 
-def test_bad_sources_name_the_fix(tmp_path, fake_loader):
+def test_bad_sources_and_settings_name_the_fix(tmp_path, data):
     with pytest.raises(NITPError, match="no config.json"):
-        evaluate(tmp_path, "data", batches=1, seq_len=SEQ)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(NITPError, match="DeepSpeed checkpoint.*run `nitp convert"):
-        evaluate(tmp_path / "ckpt", "data", batches=1, seq_len=SEQ)
+        evaluate(tmp_path, data.path, seq_len=SEQ)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(NITPError, match="is not a checkpoint: .*pass a run directory"):
+        evaluate(tmp_path / "run", data.path)
     tiny_lm().save_pretrained(tmp_path / "hf")
+    with pytest.raises(NITPError, match="does not record the data it was trained on; pass --data"):
+        evaluate(tmp_path / "hf")
+    with pytest.raises(NITPError, match=r"cap \(15\) is below one sequence of 16 tokens; raise train.eval_tokens"):
+        evaluate(tmp_path / "hf", data.path, seq_len=SEQ, max_tokens=15)
+    with pytest.raises(NITPError, match=r"--seq-len 65 is outside the model's 1..64 positions"):
+        evaluate(tmp_path / "hf", data.path, seq_len=65)
+    with pytest.raises(NITPError, match="val split of .* fewer than one window .* --val-fraction"):
+        validation_windows(data, 10**6)
     (tmp_path / "hf" / "nitp_head.safetensors").write_bytes(b"")
     with pytest.raises(NITPError, match="nitp_meta.json"):
-        evaluate(tmp_path / "hf", "data", batches=1, seq_len=SEQ)
+        evaluate(tmp_path / "hf", data.path, seq_len=SEQ)
 
 
-def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, monkeypatch, fake_loader):
-    import nitp_ds.evaluate as ev
-
-    tiny_lm().save_pretrained(tmp_path / "hf")
-    batch = {"input_ids": torch.full((1, SEQ), VOCAB + 5), "labels": torch.zeros(1, SEQ, dtype=torch.long)}
-    monkeypatch.setattr(ev, "validation_batches", lambda *args: iter([batch]))
-    with pytest.raises(NITPError, match="outside the model's vocabulary"):
-        evaluate(tmp_path / "hf", "data", batches=1, seq_len=SEQ)
-
-
-def test_eval_and_plot_commands_on_real_prepared_data(tmp_path):
-    """End to end through `nitp prepare`'s data format, the real TokenLoader and the Typer commands."""
+def test_eval_command_prints_the_loss_with_its_standard_error_and_tokens(tmp_path, data):
     from typer.testing import CliRunner
 
     import nitp_ds.cli.evaluate  # noqa: F401  (registers eval and plot)
     from nitp_ds.cli.main import app
-    from nitp_ds.data.prepare import prepare_data
 
-    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]
-    gen = torch.Generator().manual_seed(3)
-    docs = [" ".join(words[i] for i in torch.randint(0, 8, (60,), generator=gen).tolist()) for _ in range(40)]
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    manifest = prepare_data([str(tmp_path / "docs.jsonl")], tmp_path / "data", train_vocab_size=300,
-                            val_fraction=0.2, num_workers=1, progress=False)
-    assert manifest["vocab_size"] <= 300
-    tiny_lm(vocab=300).save_pretrained(tmp_path / "hf")
-
+    tiny_lm().save_pretrained(tmp_path / "hf")
     runner = CliRunner()
     out = tmp_path / "eval.json"
-    result = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(tmp_path / "data"), "--batches", "2",
-                                 "--seq-len", str(SEQ), "--batch-size", "2", "--sample-tokens", "32",
-                                 "--out", str(out)])
+    result = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(data.path), "--tokens", "320",
+                                 "--seq-len", str(SEQ), "--sample-tokens", "32", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "val/loss_ntp" in result.output and "geometry/effective_rank" in result.output
     results = json.loads(out.read_text())
-    assert results["val/tokens"] == 2 * 2 * SEQ
+    assert results["val/tokens"] == 320
+    line = next(line for line in result.output.splitlines() if line.startswith("val ntp"))
+    assert f"{results['val/loss_ntp']:.4f} ± {results['val/loss_ntp_se']:.4f}" in line
+    assert "SE over 20 sequences" in line and "320 tokens at seq_len 16" in line and "(seq_len: --seq-len)" in line
 
     run = tmp_path / "run"
     run.mkdir()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nitp_ds.losses import IGNORE, chunked_cross_entropy, nitp_cosine_loss, router_losses
+from nitp_ds.losses import IGNORE, chunked_cross_entropy, cross_entropy_per_row, nitp_cosine_loss, router_losses
 
 
 def reference_aux(logits, top_k):
@@ -73,6 +73,21 @@ def test_chunked_cross_entropy_matches_full_logits(chunk, compiled):
     r_h, r_w = torch.autograd.grad(ref * 3.0, (h, w))
     torch.testing.assert_close(g_h, r_h)
     torch.testing.assert_close(g_w, r_w)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_cross_entropy_per_row_sums_each_rows_token_losses(chunk):
+    torch.manual_seed(0)
+    h, w = torch.randn(3, 11, 16), torch.randn(50, 16)
+    y = torch.randint(0, 50, (3, 11))
+    y[0, :4] = IGNORE
+    y[2, :] = IGNORE  # a row with nothing scored
+    sums, counts = cross_entropy_per_row(h, w, y, chunk)
+    ref = F.cross_entropy((h @ w.t()).reshape(-1, 50), y.reshape(-1), ignore_index=IGNORE, reduction="none")
+    torch.testing.assert_close(sums, ref.reshape(3, 11).sum(1))
+    assert counts.tolist() == [7.0, 11.0, 0.0]
+    mean, count = chunked_cross_entropy(h, w, y, chunk)
+    assert float(sums.sum() / counts.sum()) == pytest.approx(float(mean), rel=1e-6) and int(count) == 18
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
