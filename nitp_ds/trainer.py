@@ -30,8 +30,9 @@ from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum, barrier, ch
                                  leave_process_group, on_every_rank, start_process_group, world)
 from nitp_ds.ds_config import load_ds_config
 from nitp_ds.errors import NITPError
+from nitp_ds.evaluate import summary_line, validation_loss, validation_windows
 from nitp_ds.logs import MetricsLogger, format_train_line
-from nitp_ds.metrics import mfu, perplexity
+from nitp_ds.metrics import mfu
 from nitp_ds.resolve import resolve_run
 
 RESOLVED = "resolved_config.yaml"
@@ -65,7 +66,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, force: bool) -> None:
         raise NITPError(f"train.out_dir {run_dir} is a file, not a directory; choose another train.out_dir")
     resolved = run_dir / RESOLVED
     if resolved.exists() and not force:
-        previous = from_dict(read_yaml(resolved))
+        previous = from_dict(read_yaml(resolved), drop_replaced=True)
         if run_identity(previous) != run_identity(cfg):
             changed = [k for k, v in run_identity(cfg).items() if run_identity(previous)[k] != v]
             raise NITPError(f"run directory {run_dir} belongs to another config (different {', '.join(changed)}); "
@@ -97,10 +98,9 @@ class Trainer:
         self.loader = TokenLoader(self.data, "train", cfg.data.seq_len, cfg.train.micro_batch_size,
                                   dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed,
                                   weights=cfg.data.weights or None)
-        # Built now (evaluation runs at the end of every run): a too-small val split is refused before
-        # training, not after it. `val_batches` is pure, so this one loader serves every evaluation.
-        self.val_loader = TokenLoader(self.data, "val", cfg.data.seq_len, cfg.train.micro_batch_size,
-                                      dp_rank=self.rank, dp_world_size=self.world_size, seed=cfg.train.seed)
+        # Drawn now (evaluation runs at the end of every run): a too-small val split is refused before
+        # training, not after it.
+        validation_windows(self.data, cfg.data.seq_len, cfg.train.eval_tokens)
         self.first_loss: float | None = None  # the first logged loss/ntp, for the summary
         self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world_size * cfg.data.seq_len
 
@@ -276,25 +276,17 @@ class Trainer:
     # -- evaluation and records ----------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        self.engine.eval()
-        sums = torch.zeros(3, device=self.device)
-        with torch.no_grad():
-            for batch in self.val_loader.val_batches(self.cfg.train.eval_batches):
-                batch = self.batch_to_device(batch)
-                _, parts = self.engine(batch["input_ids"], batch["labels"])
-                sums += torch.stack([parts["loss/ntp"].float(), parts["loss/nitp"].float(),
-                                     torch.ones((), device=self.device)])
-        self.engine.train()
-        sums = all_mean(sums, self.world_size)
-        n = max(sums[2].item(), 1.0)
-        ntp = sums[0].item() / n
-        return {"val/loss_ntp": ntp, "val/ppl": perplexity(min(ntp, 50)), "val/loss_nitp": sums[1].item() / n}
+        """The validation loss by the function `nitp eval` calls (nitp_ds.evaluate): the ranks split its sample.
+        It runs the engine's module, whose ZeRO-3 hooks gather the parameters, for its per-sequence losses."""
+        cfg = self.cfg
+        return validation_loss(self.engine.module, self.data, seq_len=cfg.data.seq_len,
+                               max_tokens=cfg.train.eval_tokens, batch_size=cfg.train.micro_batch_size,
+                               device=self.device, rank=self.rank, world_size=self.world_size, pad=True).record()
 
     def log_eval(self, step: int) -> dict[str, float]:
         record = self.evaluate()
         self.logger.log({"kind": "eval", "step": step, **record})
-        self.logger.print(f"eval  step {step:>6}  val ntp {record['val/loss_ntp']:.4f}  ppl {record['val/ppl']:.2f}  "
-                     f"val nitp {record['val/loss_nitp']:.4f}")
+        self.logger.print(f"eval  step {step:>6}  {summary_line(record)}")
         return record
 
     def flops_model(self) -> tuple[float | None, float | None]:

@@ -211,3 +211,56 @@ def test_eval_command_prints_the_loss_with_its_standard_error_and_tokens(tmp_pat
     result = runner.invoke(app, ["plot", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "plots" / "validation.png").is_file() and (run / "plots" / "geometry.png").is_file()
+
+
+# -- the trainer and `nitp eval`: one function, one number ---------------------------------------------------------
+
+AGREEMENT_TOKENS = 24 * 32  # 24 of the split's ~59 windows of TINY's 32 tokens: the cap binds, the sample is spread
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A tiny NITP run on 2 ZeRO-3 + AutoEP ranks, evaluated by the trainer at its end."""
+    import runs
+
+    run_dir = tmp_path_factory.mktemp("eval-run") / "run"
+    result = runs.train(data.path, run_dir, nproc=2, **{"train.steps": 2, "checkpoint.every": 0,
+                                                         "train.eval_tokens": AGREEMENT_TOKENS})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def test_trainer_and_nitp_eval_agree_on_checkpoint_and_export(trained, data, tmp_path):
+    """The trainer's final evaluation (2 ranks splitting the sample) = `nitp eval RUN` (its final checkpoint,
+    consolidated, one process) = `nitp eval` of its `nitp export` (fp32), to 1e-4."""
+    import runs
+    from typer.testing import CliRunner
+
+    import nitp_ds.cli.evaluate  # noqa: F401
+    from nitp_ds.checkpoint.export import export_checkpoint
+    from nitp_ds.cli.main import app
+
+    run_dir, stdout = trained
+    trainer = runs.records(run_dir, "eval")[-1]
+    assert trainer["step"] == runs.summary(run_dir)["step"] == 2
+    assert runs.summary(run_dir)["val/loss_ntp"] == trainer["val/loss_ntp"]
+    assert trainer["val/tokens"] == AGREEMENT_TOKENS and trainer["val/seq_len"] == 32
+    eval_line = next(line for line in stdout.splitlines() if line.startswith("eval  step"))
+    assert f"± {trainer['val/loss_ntp_se']:.4f} (SE over 24 sequences)" in eval_line, eval_line
+
+    out = tmp_path / "checkpoint.json"
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--data", str(data.path), "--tokens",
+                                      str(AGREEMENT_TOKENS), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    checkpoint = json.loads(out.read_text())
+    assert checkpoint["seq_len_from"].endswith("global_step2/nitp_meta.json")  # the training length, recorded
+
+    exported_dir = export_checkpoint(run_dir, tmp_path / "hf", dtype="fp32", show_progress=False).out
+    exported = evaluate(exported_dir, data.path, max_tokens=AGREEMENT_TOKENS, seq_len=32)
+    print(f"val loss: trainer {trainer['val/loss_ntp']:.6f} ± {trainer['val/loss_ntp_se']:.4f}, nitp eval "
+          f"checkpoint {checkpoint['val/loss_ntp']:.6f}, nitp eval export {exported['val/loss_ntp']:.6f}")
+    for other in (checkpoint, exported):
+        assert (other["val/tokens"], other["val/windows"], other["val/seq_len"]) == (AGREEMENT_TOKENS, 24, 32)
+        assert other["val/loss_ntp"] == pytest.approx(trainer["val/loss_ntp"], abs=1e-4)
+        assert other["val/loss_ntp_se"] == pytest.approx(trainer["val/loss_ntp_se"], abs=1e-4)
+    assert checkpoint["val/loss_nitp"] == pytest.approx(trainer["val/loss_nitp"], abs=1e-4)

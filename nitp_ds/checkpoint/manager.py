@@ -119,6 +119,7 @@ class CheckpointManager:
         """nitp_meta.json: what convert, export and eval need to rebuild the model without the recipe."""
         cfg, run = self.cfg, self.run
         return {"step": step, "hf_config": run.hf_config.to_dict(), "model_type": run.hf_config.model_type,
+                "seq_len": cfg.data.seq_len,  # the training length, which `nitp eval` scores at
                 "nitp": {"head": cfg.nitp.head, "head_mult": cfg.nitp.head_mult,
                          "target_layer": run.target_layer, "weight": cfg.nitp.weight},
                 "tokenizer_dir": str(self.data.tokenizer_dir.resolve()) if self.data.tokenizer_dir else None,
