@@ -145,7 +145,8 @@ def _print_summary(summary: dict) -> None:
     table.add_column("metric")
     table.add_column("value")
     for key in ("step", "consumed_tokens", "first_loss_ntp", "loss/ntp", "loss/nitp", "loss/aux", "val/loss_ntp",
-                "val/ppl", "val/loss_nitp", "tokens_per_s", "mfu", "skipped_steps", "run_dir"):
+                "val/loss_ntp_se", "val/tokens", "val/ppl", "val/loss_nitp", "tokens_per_s", "mfu", "skipped_steps",
+                "run_dir"):
         if summary.get(key) is not None:
             value = summary[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))

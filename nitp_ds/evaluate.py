@@ -361,7 +361,7 @@ def results_table(results: dict[str, Any]):
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in results.items():
-        if key in ("source", "data"):
+        if key in ("source", "data", "seq_len_from"):  # seq_len_from: in the line under the table
             continue
         if isinstance(value, float):
             text = f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e6 else f"{value:.4g}"
