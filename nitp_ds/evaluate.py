@@ -82,21 +82,25 @@ def read_window(data: Any, window: Window, seq_len: int) -> np.ndarray:
 
 
 def rank_batches(data: Any, windows: list[Window], seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, vocab_size: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                 world_size: int = 1, vocab_size: int | None = None,
+                 pad: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Rank `rank`'s share of the sample as batches {"input_ids", "labels"} of up to `batch_size` rows.
 
     Every rank yields ceil(ceil(n / world_size) / batch_size) batches: ZeRO-3 and AutoEP run collectives
-    inside each forward pass, so a rank whose share has run out yields one row with no scored label.
+    inside each forward pass, so a rank whose share has run out yields a row with no scored label. With `pad`,
+    every batch has `batch_size` rows (such rows fill the last), so that compiled layers see one shape.
     """
     mine = windows[rank::world_size]
     steps = math.ceil(math.ceil(len(windows) / world_size) / batch_size)
     for step in range(steps):
         rows = mine[step * batch_size:(step + 1) * batch_size]
-        tokens = torch.from_numpy(np.stack([read_window(data, w, seq_len) for w in rows or windows[:1]]))
+        fill = max(0, (batch_size if pad else 1) - len(rows))
+        tokens = torch.from_numpy(np.stack([read_window(data, w, seq_len) for w in rows + windows[:1] * fill]))
         if vocab_size is not None and int(tokens.max()) >= vocab_size:
             raise NITPError(f"validation token id {int(tokens.max())} is outside the model's vocabulary of "
                             f"{vocab_size}; evaluate on data prepared with the model's tokenizer")
-        labels = tokens[:, 1:].contiguous() if rows else torch.full_like(tokens[:, 1:], IGNORE)
+        labels = tokens[:, 1:].clone()
+        labels[len(rows):] = IGNORE  # filler rows: nothing scored
         yield {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
 
 
@@ -153,13 +157,14 @@ def batch_sums(parts: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Te
 
 def validation_loss(model: torch.nn.Module, data: Any, *, seq_len: int, max_tokens: int = DEFAULT_EVAL_TOKENS,
                     batch_size: int = 8, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                    on_batch: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None] | None = None
+                    pad: bool = False, on_batch: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None] | None = None
                     ) -> ValidationLoss:
     """The validation loss of `model` on the val split of `data` (see the module doc for the definition).
 
     `model` is an `NITPModel`: the trainer passes its DeepSpeed engine's module (ZeRO-3 gathers parameters
     through the module's own hooks), `nitp eval` a loaded one. With `world_size` > 1 every rank of the default
-    process group calls this together. `on_batch(batch, parts)` sees every batch after its forward pass.
+    process group calls this together; `pad` gives every batch `batch_size` rows (see `rank_batches`).
+    `on_batch(batch, parts)` sees every batch after its forward pass.
     """
     if batch_size < 1:
         raise NITPError(f"the evaluation batch size must be >= 1, got {batch_size}")
@@ -170,7 +175,7 @@ def validation_loss(model: torch.nn.Module, data: Any, *, seq_len: int, max_toke
     sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
     try:
         with torch.no_grad():
-            for batch in rank_batches(data, windows, seq_len, batch_size, rank, world_size, vocab_size):
+            for batch in rank_batches(data, windows, seq_len, batch_size, rank, world_size, vocab_size, pad):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 parts = model(batch["input_ids"], batch["labels"])
                 sums += batch_sums(parts, batch["labels"])

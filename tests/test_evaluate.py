@@ -106,8 +106,9 @@ def test_ranks_split_the_sample_in_lockstep_and_their_sums_add_up_to_one_process
     model = NITPModel(tiny_lm(), head="none", target_layer=0).eval()
     windows = validation_windows(data, SEQ, 23 * SEQ)  # 23 windows: not a multiple of 3 ranks x 2 rows
 
-    def sums(rank, world):
-        batches = list(rank_batches(data, windows, SEQ, 2, rank, world))
+    def sums(rank, world, pad=False):
+        batches = list(rank_batches(data, windows, SEQ, 2, rank, world, pad=pad))
+        assert not pad or all(len(batch["input_ids"]) == 2 for batch in batches)
         total = torch.zeros(len(SUMS), dtype=torch.float64)
         with torch.no_grad():
             for batch in batches:
@@ -118,6 +119,8 @@ def test_ranks_split_the_sample_in_lockstep_and_their_sums_add_up_to_one_process
     three = [sums(rank, 3) for rank in range(3)]
     assert one_steps == 12 and {steps for steps, _ in three} == {4}  # every rank runs the same forward passes
     assert torch.allclose(sum(total for _, total in three), one, rtol=1e-9, atol=1e-6)
+    padded = [sums(rank, 3, pad=True) for rank in range(3)]  # one batch shape (compiled layers): filler rows
+    assert torch.allclose(sum(total for _, total in padded), one, rtol=1e-9, atol=1e-6)
     a = ValidationLoss.from_sums(one.tolist(), SEQ, has_head=False)
     b = ValidationLoss.from_sums(sum(t for _, t in three).tolist(), SEQ, has_head=False)
     assert (a.tokens, a.windows) == (b.tokens, b.windows) == (23 * SEQ, 23)
