@@ -157,8 +157,7 @@ def batch_sums(parts: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Te
 
 def validation_loss(model: torch.nn.Module, data: Any, *, seq_len: int, max_tokens: int = DEFAULT_EVAL_TOKENS,
                     batch_size: int = 8, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                    pad: bool = False, on_batch: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None] | None = None
-                    ) -> ValidationLoss:
+                    pad: bool = False, on_batch: Callable[[dict, dict], None] | None = None) -> ValidationLoss:
     """The validation loss of `model` on the val split of `data` (see the module doc for the definition).
 
     `model` is an `NITPModel`: the trainer passes its DeepSpeed engine's module (ZeRO-3 gathers parameters
