@@ -70,7 +70,8 @@ def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
         aux_group = lambda: dist.group.WORLD  # noqa: E731
     model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=run.target_layer,
                       ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group,
-                      compile_loss=cfg.train.compile_loss)
+                      compile_loss=cfg.train.compile_loss, loss=cfg.nitp.loss, stop_grad=cfg.nitp.stop_grad,
+                      offset=cfg.nitp.offset)
     compile_layers = cfg.train.compile_layers if cfg.train.compile_layers is not None else torch.cuda.is_available()
     if compile_layers:
         from nitp_ds.models import compile_decoder_layers
@@ -111,4 +112,5 @@ def build_engine_for(cfg: Config, run: ResolvedRun):
     optimizer = build_optimizer(cfg, model)
     return build_engine(model, run.ds_config, optimizer, build_schedule(cfg, optimizer), nitp_weight=cfg.nitp.weight,
                         aux_weight=cfg.moe.aux_loss_weight, z_weight=cfg.moe.z_loss_weight,
-                        fast_zero_step=cfg.train.fast_zero_step)
+                        fast_zero_step=cfg.train.fast_zero_step,
+                        nitp_weight_warmup_steps=cfg.nitp.weight_warmup_steps)

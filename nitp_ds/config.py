@@ -22,6 +22,7 @@ from nitp_ds.errors import NITPError
 from nitp_ds.models.families import FAMILY_NAMES as FAMILIES
 
 NITP_HEADS = ("swiglu", "mlp", "linear", "none")
+NITP_LOSSES = ("cosine", "mse")
 SCHEDULES = ("cosine", "wsd", "constant")
 AUX_SCOPES = ("micro_batch", "global")
 
@@ -61,6 +62,11 @@ class NITPConfig:
     target_layer: int | None = None  # z = output of the first k decoder layers; default round(0.2 * num_layers)
     head: str = "swiglu"  # swiglu (the paper's 12d² head), mlp (GELU), linear, none
     head_mult: int = 4  # hidden width of swiglu/mlp heads, in multiples of hidden_size
+    # The paper's ablations; the defaults are the paper's method.
+    loss: str = "cosine"  # cosine: 1 - cos(P(h_t), z); mse: mean squared error (the paper: diverges)
+    stop_grad: bool = True  # false: the NITP loss also trains the first k layers through the target
+    offset: int = 1  # 1: the target of position t is z_{t+1} (next token); 0: z_t (same position)
+    weight_warmup_steps: int = 0  # λ ramps linearly from 0 to nitp.weight over this many optimizer steps; 0: off
 
 
 @dataclass
@@ -378,6 +384,10 @@ def validate(cfg: Config) -> Config:
          f"nitp.weight is {n.weight} but nitp.head is 'none'; set nitp.weight=0 for plain next-token "
          "prediction, or choose a head (swiglu)")
     need(n.head_mult >= 1, f"nitp.head_mult must be >= 1, got {n.head_mult}")
+    need(n.loss in NITP_LOSSES, f"nitp.loss '{n.loss}' is not one of {', '.join(NITP_LOSSES)}")
+    need(n.offset in (0, 1), f"nitp.offset must be 1 (next token's target) or 0 (same position), got {n.offset}")
+    need(n.weight_warmup_steps >= 0,
+         f"nitp.weight_warmup_steps must be >= 0 (0: λ constant from step 0), got {n.weight_warmup_steps}")
     need(cfg.moe.aux_loss_weight >= 0, f"moe.aux_loss_weight must be >= 0, got {cfg.moe.aux_loss_weight}")
     need(cfg.moe.z_loss_weight >= 0, f"moe.z_loss_weight must be >= 0, got {cfg.moe.z_loss_weight}")
     need(cfg.moe.aux_loss_scope in AUX_SCOPES,

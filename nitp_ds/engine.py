@@ -1,5 +1,8 @@
 """NITPEngine: a DeepSpeedEngine that owns the composite loss L = L_NTP + λ·L_NITP + α·L_aux + β·L_z.
 
+λ is `nitp.weight`, or with `nitp.weight_warmup_steps` a linear ramp from 0 over that many optimizer steps,
+read from DeepSpeed's own step counter (`global_steps`, which its checkpoints restore).
+
 `deepspeed.initialize` always builds the base class, so `build_engine` constructs the subclass
 the way `initialize` does (distributed init, zero.Init context switched off, DeepSpeedConfig,
 engine, context restored). Everything else (ZeRO-3, AutoEP, checkpoints) is DeepSpeed's own, except three
@@ -16,10 +19,11 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 
 class NITPEngine(DeepSpeedEngine):
     def __init__(self, *args: Any, nitp_weight: float = 1.0, aux_weight: float = 0.0, z_weight: float = 0.0,
-                 fast_zero_step: bool = True, **kwargs: Any):
+                 fast_zero_step: bool = True, nitp_weight_warmup_steps: int = 0, **kwargs: Any):
         self.fast_zero_step = fast_zero_step  # read by _configure_zero_optimizer, inside DeepSpeedEngine.__init__
         super().__init__(*args, **kwargs)
         self.nitp_weight = nitp_weight
+        self.nitp_weight_warmup_steps = nitp_weight_warmup_steps
         self.aux_weight = aux_weight
         self.z_weight = z_weight
         self.module.attach_hooks()  # after AutoEP has replaced the MoE blocks
@@ -35,8 +39,9 @@ class NITPEngine(DeepSpeedEngine):
         `load`, the tokens per expert): loss/ntp, loss/nitp, loss/aux, loss/z, loss/total, tokens, load."""
         parts = super().forward(input_ids=input_ids, labels=labels)
         total = parts["ntp"].float()
-        if self.nitp_weight:
-            total = total + self.nitp_weight * parts["nitp"].float()
+        if self.nitp_weight:  # the configured λ, so that a ramp starting at 0 keeps the head in the graph
+            weight = nitp_weight_at(self.global_steps, self.nitp_weight, self.nitp_weight_warmup_steps)
+            total = total + weight * parts["nitp"].float()
         if self.aux_weight:
             total = total + self.aux_weight * parts["aux"].float()
         if self.z_weight:
@@ -50,6 +55,13 @@ class NITPEngine(DeepSpeedEngine):
             "tokens": parts["tokens"].detach(),
             "load": parts["load"],
         }
+
+
+def nitp_weight_at(step: int, weight: float, warmup_steps: int) -> float:
+    """λ after `step` optimizer steps: weight · step / warmup_steps during the ramp, `weight` itself after it."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return weight
+    return weight * step / warmup_steps
 
 
 # -- ZeRO-3's optimizer step without its extra passes over every gradient ------------------------------------
@@ -144,7 +156,7 @@ def streamline_zero3_step(zero: Any) -> bool:
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: torch.optim.Optimizer,
                  lr_scheduler: Any, *, nitp_weight: float, aux_weight: float, z_weight: float,
-                 fast_zero_step: bool = True) -> NITPEngine:
+                 fast_zero_step: bool = True, nitp_weight_warmup_steps: int = 0) -> NITPEngine:
     """Construct an NITPEngine exactly as `deepspeed.initialize` constructs a DeepSpeedEngine."""
     import deepspeed
     from deepspeed import comm as dist
@@ -159,7 +171,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer: t
     engine = NITPEngine(args=None, model=model, optimizer=optimizer, model_parameters=None,
                         lr_scheduler=lr_scheduler, config=ds_config, config_class=config_class,
                         nitp_weight=nitp_weight, aux_weight=aux_weight, z_weight=z_weight,
-                        fast_zero_step=fast_zero_step)
+                        fast_zero_step=fast_zero_step, nitp_weight_warmup_steps=nitp_weight_warmup_steps)
     partition_parameters.restore_init_context()
     engine._configure_python_gc()
     return engine

@@ -1,4 +1,4 @@
-"""Loss functions: chunked next-token cross-entropy, the NITP cosine loss, router balancing losses.
+"""Loss functions: chunked next-token cross-entropy, the NITP loss (cosine or MSE), router balancing losses.
 
 All of them take `labels` with -100 at ignored positions, so NTP and NITP are masked alike.
 """
@@ -144,17 +144,27 @@ def cross_entropy_per_row(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return per_token.reshape(rows, -1).sum(1), (labels != IGNORE).reshape(rows, -1).sum(1).float()
 
 
-def nitp_cosine_loss(prediction: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_NITP = mean of 1 - cos(P(h_t), sg(z_{t+1})) over positions t whose label is kept.
+def nitp_loss(prediction: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, kind: str = "cosine",
+              offset: int = 1) -> torch.Tensor:
+    """L_NITP, the mean over positions t whose label is kept of a distance between P(h_t) and z_{t+offset}.
 
-    `prediction` and `target` are [B, T, d] at the same positions t = 0..T-1; the target of
-    position t is taken at t+1, so the last position has none and is dropped.
+    `prediction` and `target` are [B, T, d] at the same positions t = 0..T-1. With `offset` 1 (the paper)
+    the target of position t is taken at t+1, so the last position has none and is dropped; with 0 it is
+    the target at t itself. `kind` "cosine" is the paper's 1 - cos(P(h_t), z); "mse" is the mean over the
+    d features of (P(h_t) - z)^2 (the paper's MSE ablation). The target is used as given: the caller
+    detaches it for the paper's stop-gradient (`NITPModel` does, unless `nitp.stop_grad` is false).
     """
-    pred = prediction[:, :-1].float()
-    tgt = target[:, 1:].detach().float()
-    mask = (labels[:, :-1] != IGNORE).float()
-    cos = F.cosine_similarity(pred, tgt, dim=-1, eps=1e-6)
-    return ((1.0 - cos) * mask).sum() / mask.sum().clamp(min=1.0)
+    length = prediction.shape[1]
+    pred = prediction[:, :length - offset].float()
+    tgt = target[:, offset:].float()
+    mask = (labels[:, :length - offset] != IGNORE).float()
+    if kind == "cosine":
+        per_position = 1.0 - F.cosine_similarity(pred, tgt, dim=-1, eps=1e-6)
+    elif kind == "mse":
+        per_position = (pred - tgt).pow(2).mean(dim=-1)
+    else:
+        raise ValueError(f"unknown NITP loss kind {kind!r}")
+    return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def router_losses(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None,

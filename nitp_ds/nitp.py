@@ -4,7 +4,9 @@
 (`self.nitp_head`). Its forward runs the decoder once and returns the raw loss parts; the engine
 (`nitp_ds.engine.NITPEngine`) weights them. The target z_{t+1} is the output of the first k
 decoder layers, captured by a forward hook on layer k-1 (the embedding for k = 0) and detached:
-no gradient reaches the target path through the NITP loss.
+no gradient reaches the target path through the NITP loss. The paper's ablations are options:
+`stop_grad=False` keeps the target's graph (the NITP loss then trains the first k layers too),
+`offset=0` pairs position t with the target at t instead of t+1, `loss="mse"` replaces 1 - cos.
 
 Documented choice: h_t is the final hidden state *after* the final norm (the vector fed to the
 LM head); z is the raw residual stream (`hidden_states[k]` in Hugging Face terms).
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nitp_ds.losses import (chunked_cross_entropy, cross_entropy_per_row, nitp_cosine_loss, router_losses,
+from nitp_ds.losses import (chunked_cross_entropy, cross_entropy_per_row, nitp_loss, router_losses,
                             use_compiled_loss)
 from nitp_ds.models import experts_per_token
 
@@ -61,12 +63,14 @@ def build_head(kind: str, d: int, mult: int, init_std: float) -> nn.Module | Non
 
 class NITPModel(nn.Module):
     def __init__(self, lm: nn.Module, head: str = "swiglu", head_mult: int = 4, target_layer: int = 1,
-                 ce_chunk_tokens: int = 8192, aux_group_fn=None, compile_loss: bool | None = None):
+                 ce_chunk_tokens: int = 8192, aux_group_fn=None, compile_loss: bool | None = None,
+                 loss: str = "cosine", stop_grad: bool = True, offset: int = 1):
         super().__init__()
         self.lm = lm
         self.config = lm.config  # AutoEP reads the root module's config
         self.nitp_head = build_head(head, lm.config.hidden_size, head_mult, lm.config.initializer_range)
         self.target_layer = target_layer
+        self.nitp_loss_kind, self.stop_grad, self.offset = loss, stop_grad, offset
         self.ce_chunk_tokens = ce_chunk_tokens
         self.compile_loss = compile_loss
         self.aux_group_fn = aux_group_fn  # returns a process group for global-batch balancing, or None
@@ -98,7 +102,7 @@ class NITPModel(nn.Module):
 
     def _capture_target(self, module, args, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
-        self._target = hidden.detach()
+        self._target = hidden.detach() if self.stop_grad else hidden
 
     def _capture_router(self, module, args, output) -> None:
         logits = output[0] if isinstance(output, tuple) else output
@@ -123,7 +127,7 @@ class NITPModel(nn.Module):
             parts = {"ntp": row_sums.sum() / tokens.clamp(min=1), "tokens": tokens.long(),
                      "ntp_rows": row_sums, "tokens_rows": row_tokens}
         if self.nitp_head is not None:
-            parts["nitp"] = nitp_cosine_loss(self.nitp_head(hidden), self._target, labels)
+            parts["nitp"] = nitp_loss(self.nitp_head(hidden), self._target, labels, self.nitp_loss_kind, self.offset)
         else:
             parts["nitp"] = torch.zeros((), device=hidden.device)
         group = self.aux_group_fn() if self.aux_group_fn is not None else None

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nitp_ds.losses import IGNORE, chunked_cross_entropy, cross_entropy_per_row, nitp_cosine_loss, router_losses
+from nitp_ds.losses import IGNORE, chunked_cross_entropy, cross_entropy_per_row, nitp_loss, router_losses
 
 
 def reference_aux(logits, top_k):
@@ -119,20 +119,53 @@ def test_nitp_loss_pairs_position_t_with_target_t_plus_1():
     target = torch.randn(2, 5, 8)
     prediction = torch.roll(target, shifts=-1, dims=1)  # prediction[t] == target[t+1]
     labels = torch.zeros(2, 5, dtype=torch.long)
-    assert nitp_cosine_loss(prediction, target, labels).item() == pytest.approx(0.0, abs=1e-6)
-    assert nitp_cosine_loss(target, target, labels).item() > 0.5  # same position is not the target
+    assert nitp_loss(prediction, target, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert nitp_loss(target, target, labels).item() > 0.5  # same position is not the target
+    assert nitp_loss(target, target, labels, offset=0).item() == pytest.approx(0.0, abs=1e-6)
+    assert nitp_loss(target, target, labels, kind="mse", offset=0).item() == 0.0
 
 
 def test_nitp_loss_masks_like_ntp():
     prediction, target = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
     labels = torch.tensor([[1, 1, IGNORE, IGNORE, IGNORE, 1]])
-    kept = nitp_cosine_loss(prediction[:, :3], target[:, :3], labels[:, :3])
-    assert nitp_cosine_loss(prediction, target, labels).item() == pytest.approx(kept.item(), rel=1e-6)
+    kept = nitp_loss(prediction[:, :3], target[:, :3], labels[:, :3])
+    assert nitp_loss(prediction, target, labels).item() == pytest.approx(kept.item(), rel=1e-6)
 
 
-def test_nitp_loss_sends_no_gradient_to_the_target():
-    target = torch.randn(1, 4, 8, requires_grad=True)
+def reference_nitp(prediction, target, labels, kind, offset):
+    """Position by position: the distance of prediction[b, t] to target[b, t + offset] where the label is kept."""
+    total, count = 0.0, 0
+    batch, length, _ = prediction.shape
+    for b in range(batch):
+        for t in range(length - offset):
+            if labels[b, t] == IGNORE:
+                continue
+            p, z = prediction[b, t].double(), target[b, t + offset].double()
+            if kind == "cosine":
+                total += 1.0 - float(p @ z) / max(float(p.norm() * z.norm()), 1e-6)
+            else:
+                total += float(((p - z) ** 2).sum()) / len(p)
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+@pytest.mark.parametrize("offset", [1, 0])
+def test_nitp_loss_matches_a_position_by_position_reference(kind, offset):
+    torch.manual_seed(offset)
+    prediction, target = torch.randn(3, 7, 5), torch.randn(3, 7, 5) * 4
+    labels = torch.randint(0, 9, (3, 7))
+    labels[0, 2:5] = IGNORE
+    labels[2, 0] = IGNORE
+    expected = reference_nitp(prediction, target, labels, kind, offset)
+    assert nitp_loss(prediction, target, labels, kind=kind, offset=offset).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_nitp_loss_sends_gradient_to_the_target_only_when_the_target_keeps_its_graph():
     prediction = torch.randn(1, 4, 8, requires_grad=True)
-    nitp_cosine_loss(prediction, target, torch.zeros(1, 4, dtype=torch.long)).backward()
-    assert target.grad is None
-    assert prediction.grad.abs().sum() > 0
+    target = torch.randn(1, 4, 8, requires_grad=True)
+    labels = torch.zeros(1, 4, dtype=torch.long)
+    nitp_loss(prediction, target.detach(), labels).backward()  # the paper's stop-gradient, as NITPModel passes it
+    assert target.grad is None and prediction.grad.abs().sum() > 0
+    nitp_loss(prediction, target, labels).backward()  # nitp.stop_grad false
+    assert target.grad is not None and target.grad.abs().sum() > 0

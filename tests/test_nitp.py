@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from nitp_ds.config import ModelConfig
-from nitp_ds.losses import nitp_cosine_loss
 from nitp_ds.models import build_model
 from nitp_ds.nitp import NITPModel
 
@@ -12,9 +11,10 @@ SHAPE = ModelConfig(hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, n
                     experts_per_token=2, moe_intermediate_size=16, intermediate_size=64)
 
 
-def tiny(head="swiglu", target_layer=1, seed=0):
+def tiny(head="swiglu", target_layer=1, seed=0, **options):
     torch.manual_seed(seed)
-    model = NITPModel(build_model(SHAPE, vocab_size=64), head=head, target_layer=target_layer, ce_chunk_tokens=16)
+    model = NITPModel(build_model(SHAPE, vocab_size=64), head=head, target_layer=target_layer, ce_chunk_tokens=16,
+                      **options)
     model.attach_hooks()
     return model
 
@@ -60,37 +60,51 @@ def test_target_is_the_output_of_the_first_k_layers():
     assert not captured["z"].requires_grad
 
 
-def test_no_gradient_reaches_the_target_path_through_the_nitp_loss():
-    """Gradients of L_NITP equal those with z replaced by a constant; without the stop-gradient they differ."""
-    model = tiny(target_layer=2)
+def reference_nitp(model, x, k, kind="cosine", offset=1, stop_grad=True):
+    """The NITP loss written plainly from one Hugging Face forward: P(last_hidden_state[t]) against
+    hidden_states[k][t + offset], mean over positions (no label is ignored in `batch`)."""
+    out = model.lm.model(input_ids=x, output_hidden_states=True)
+    z = out.hidden_states[k].detach() if stop_grad else out.hidden_states[k]
+    prediction = model.nitp_head(out.last_hidden_state)
+    length = x.shape[1]
+    terms = []
+    for t in range(length - offset):
+        p, target = prediction[:, t], z[:, t + offset]
+        if kind == "cosine":
+            terms.append(1 - torch.nn.functional.cosine_similarity(p, target, dim=-1))
+        else:
+            terms.append(((p - target) ** 2).mean(dim=-1))
+    return torch.stack(terms).mean()
+
+
+def early_parameters(model):
+    return list(model.lm.model.layers[0].parameters()) + list(model.lm.model.embed_tokens.parameters())
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_gradient_reaches_the_first_k_layers_through_the_target_only_without_stop_grad(stop_grad):
+    """Gradients of L_NITP on the layers below the target equal the plain reference's, with z detached
+    (the paper) or kept in the graph (`nitp.stop_grad: false`); the two settings give different gradients."""
+    model = tiny(target_layer=2, stop_grad=stop_grad)
     x, y = batch()
-    early = list(model.lm.model.layers[0].parameters()) + list(model.lm.model.embed_tokens.parameters())
-
+    early = early_parameters(model)
     grads = torch.autograd.grad(model(x, y)["nitp"], early, allow_unused=True)
-
-    with torch.no_grad():
-        z_const = model.lm.model(input_ids=x, output_hidden_states=True).hidden_states[2]
-    h = model.lm.model(input_ids=x).last_hidden_state
-    reference = torch.autograd.grad(nitp_cosine_loss(model.nitp_head(h), z_const, y), early, allow_unused=True)
+    reference = torch.autograd.grad(reference_nitp(model, x, 2, stop_grad=stop_grad), early, allow_unused=True)
     for g, r in zip(grads, reference):
         torch.testing.assert_close(g, r)
+    other = torch.autograd.grad(reference_nitp(model, x, 2, stop_grad=not stop_grad), early, allow_unused=True)
+    assert any(not torch.allclose(g, o) for g, o in zip(grads, other) if g is not None)
 
-    # The same check fails when the target keeps its graph: the test can tell the difference.
-    def leaky_loss(prediction, target, labels):
-        cos = torch.nn.functional.cosine_similarity(prediction[:, :-1], target[:, 1:], dim=-1)
-        return (1 - cos).mean()
 
-    model._capture_target = lambda module, args, output: setattr(model, "_target", output)
-    model.attach_hooks()
-    import nitp_ds.nitp as nitp_module
-
-    original_loss = nitp_module.nitp_cosine_loss
-    nitp_module.nitp_cosine_loss = leaky_loss
-    try:
-        leaky = torch.autograd.grad(model(x, y)["nitp"], early, allow_unused=True)
-    finally:
-        nitp_module.nitp_cosine_loss = original_loss
-    assert any(not torch.allclose(g, r) for g, r in zip(leaky, reference) if g is not None)
+@pytest.mark.parametrize("kind,offset", [("cosine", 0), ("mse", 1), ("mse", 0)])
+def test_loss_kind_and_offset_match_the_plain_reference(kind, offset):
+    model = tiny(target_layer=2, loss=kind, offset=offset)
+    x, y = batch()
+    ours = model(x, y)["nitp"]
+    expected = reference_nitp(model, x, 2, kind=kind, offset=offset)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
+    default = reference_nitp(model, x, 2)
+    assert abs(ours.item() - default.item()) > 1e-3  # the option changes the loss
 
 
 def test_head_gets_gradients_and_none_head_has_no_parameters():

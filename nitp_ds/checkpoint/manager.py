@@ -121,7 +121,9 @@ class CheckpointManager:
         return {"step": step, "hf_config": run.hf_config.to_dict(), "model_type": run.hf_config.model_type,
                 "seq_len": cfg.data.seq_len,  # the training length, which `nitp eval` scores at
                 "nitp": {"head": cfg.nitp.head, "head_mult": cfg.nitp.head_mult,
-                         "target_layer": run.target_layer, "weight": cfg.nitp.weight},
+                         "target_layer": run.target_layer, "weight": cfg.nitp.weight, "loss": cfg.nitp.loss,
+                         "offset": cfg.nitp.offset, "stop_grad": cfg.nitp.stop_grad,
+                         "weight_warmup_steps": cfg.nitp.weight_warmup_steps},
                 "tokenizer_dir": str(self.data.tokenizer_dir.resolve()) if self.data.tokenizer_dir else None,
                 "data_dir": str(Path(cfg.data.path).resolve()), "world_size": run.world_size,
                 "autoep_size": run.autoep_size, "consumed_tokens": self.progress.consumed_tokens}
