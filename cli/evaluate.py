@@ -50,15 +50,20 @@ def eval_command(
 
 @app.command("plot")
 def plot_command(
-    runs: list[str] = typer.Argument(..., help="Run directories (each with metrics.jsonl); several are overlaid."),
+    runs: list[str] = typer.Argument(..., help="Run directories (each with metrics.jsonl); several are overlaid. "
+                                     "NAME=RUN[,RUN...] (globs allowed) draws the mean of several runs, e.g. seeds, "
+                                     "in a band."),
     out: str = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default: RUN/plots for one run, "
                                                       "./plots for several)."),
+    band: str = typer.Option("minmax", "--band", help="Band of a NAME=RUN,... group: minmax (over its runs) or "
+                                                      "std (mean ± one standard deviation)."),
 ) -> None:
     """PNG curves of losses, lr, throughput, MFU, expert load, validation and geometry."""
     from nitp_ds.plot import plot_runs
 
-    out_dir = Path(out) if out else (Path(runs[0]) / "plots" if len(runs) == 1 else Path("plots"))
-    written = plot_runs(runs, out_dir)
+    out_dir = Path(out) if out else (Path(runs[0]) / "plots" if len(runs) == 1 and "=" not in runs[0]
+                                     else Path("plots"))
+    written = plot_runs(runs, out_dir, band_kind=band)
     if not written:
         print(f"no known metrics in {', '.join(runs)}; nothing plotted")
         return

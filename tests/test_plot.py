@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from nitp_ds.errors import NITPError
-from nitp_ds.plot import plot_runs, read_metrics, run_labels
+from nitp_ds.plot import band, plot_runs, read_metrics, run_groups, run_labels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -76,3 +77,35 @@ def test_missing_empty_and_malformed_metrics_name_the_file_line_and_fix(tmp_path
         read_metrics(tmp_path)
     with pytest.raises(NITPError, match="no run directories"):
         plot_runs([], tmp_path / "plots")
+
+
+def test_band_is_the_mean_and_spread_over_runs_at_their_common_steps():
+    curves = [([10, 20, 30], [1.0, 2.0, 3.0]), ([10, 20, 30], [3.0, 2.0, 5.0]), ([10, 20], [2.0, 5.0])]
+    steps, mean, low, high = band(curves)
+    assert steps == [10, 20]
+    assert mean == pytest.approx([2.0, 3.0]) and low == [1.0, 2.0] and high == [3.0, 5.0]
+    steps, mean, low, high = band(curves, "std")
+    # sample standard deviation by hand: step 10 values 1, 3, 2 -> 1.0; step 20 values 2, 2, 5 -> sqrt(3)
+    assert low == pytest.approx([1.0, 3.0 - math.sqrt(3)]) and high == pytest.approx([3.0, 3.0 + math.sqrt(3)])
+    # a resumed run that logged a step twice counts its last value
+    assert band([([10, 10], [9.0, 1.0]), ([10], [3.0])])[1] == [2.0]
+
+
+def test_seeds_of_an_arm_are_one_group_with_a_band(tmp_path, monkeypatch):
+    import matplotlib.image
+
+    for seed in range(3):
+        write_run(tmp_path / "ntp" / f"seed{seed}", nitp=False, geometry=False)
+        write_run(tmp_path / "nitp" / f"seed{seed}", nitp=True, geometry=True)
+    monkeypatch.chdir(tmp_path)
+    groups = run_groups(["ntp=ntp/seed*", "nitp=nitp/seed0,nitp/seed2", "nitp/seed1"])
+    assert groups == [("ntp", [Path("ntp/seed0"), Path("ntp/seed1"), Path("ntp/seed2")]),
+                      ("nitp", [Path("nitp/seed0"), Path("nitp/seed2")]), (None, [Path("nitp/seed1")])]
+    written = plot_runs(["ntp=ntp/seed*", "nitp=nitp/seed*"], tmp_path / "plots", band_kind="std")
+    assert {"loss_ntp", "loss_nitp", "validation", "geometry"} <= {p.stem for p in written}
+    for path in written:
+        assert matplotlib.image.imread(path).shape[0] > 100
+    with pytest.raises(NITPError, match="'ablation/seed\\*' in 'x=ablation/seed\\*' matches no run directory"):
+        run_groups(["x=ablation/seed*"])
+    with pytest.raises(NITPError, match="--band 'iqr' is not one of minmax, std"):
+        plot_runs(["ntp=ntp/seed*"], tmp_path / "p", band_kind="iqr")
