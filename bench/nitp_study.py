@@ -3,7 +3,8 @@
 Stages (`all` runs them in order; a rerun with the same --out continues where the last one stopped):
   corpus   the Python source files installed with the toolkit (the standard library and the packages of the
            environment: code, docstrings and comments; PSF/BSD/Apache/MIT licences), one JSONL document per
-           file, sampled deterministically to about --corpus-mb megabytes. Skipped when OUT/corpus.jsonl exists.
+           file, sampled deterministically to about --corpus-mb megabytes. Skipped when OUT/corpus.jsonl or
+           OUT/data exists (so OUT/data can be prepared on one machine and carried to another).
   prepare  `nitp prepare-data` with a byte-level BPE trained on the corpus (--vocab). Skipped when OUT/data
            exists (--rebuild-data redoes both).
   train    every (arm, seed) run with `nitp train`, one process each, --parallel of them at once on the one GPU
@@ -518,11 +519,12 @@ def main(argv: list[str] | None = None) -> None:
     stages = {"corpus", "prepare", "train", "report"} if "all" in args.stages else set(args.stages)
     args.out.mkdir(parents=True, exist_ok=True)
     corpus, data = args.out / "corpus.jsonl", args.out / "data"
-    if "corpus" in stages and (args.rebuild_data or not corpus.exists()):
+    have_data = (data / "manifest.json").exists()
+    if "corpus" in stages and (args.rebuild_data or not (corpus.exists() or have_data)):
         stats = build_corpus(corpus, args.corpus_mb)
         (args.out / "corpus_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         print(json.dumps(stats), flush=True)
-    if "prepare" in stages and (args.rebuild_data or not (data / "manifest.json").exists()):
+    if "prepare" in stages and (args.rebuild_data or not have_data):
         code = nitp("prepare-data", "--source", f"python={corpus}", "--out", str(data), "--train-tokenizer",
                     str(args.vocab), "--val-fraction", "0.01", "--force", "--no-progress")
         if code != 0:
