@@ -8,7 +8,7 @@ Stages (`all` runs them in order; a rerun with the same --out continues where th
   prepare  `nitp prepare-data` with a byte-level BPE trained on the corpus (--vocab). Skipped when OUT/data
            exists (--rebuild-data redoes both).
   train    every (arm, seed) run with `nitp train`, one process each, --parallel of them at once on the one GPU
-           (default: all). Seed s is `train.seed=s` in every arm: the same initial weights of the shared model
+           (default: all, at most 8). Seed s is `train.seed=s` in every arm: the same initial weights of the shared model
            and the same data order, so arms are paired by seed. A finished run is evaluated at once with the
            shared evaluation (`nitp eval`, --per-layer). Runs resume from their checkpoints when the script is
            run again; --train-seconds stops the training that is still going (each run saves and exits).
@@ -479,7 +479,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm: train.seed = first-seed, +1, …")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--parallel", type=int, default=0, help="runs at once (default: all of them)")
+    parser.add_argument("--parallel", type=int, default=0, help="runs at once (default: all of them, at most 8)")
     parser.add_argument("--train-seconds", type=float, default=0, help="stop the training after this long "
                         "(each run saves a checkpoint; rerun to continue); 0: no limit")
     parser.add_argument("--corpus-mb", type=float, default=45.0)
@@ -510,7 +510,7 @@ def parse_args(argv: list[str] | None = None):
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = [Run(arm, seed) for seed in args.seed_list for arm in args.arms]
     args.runs = runs
-    args.parallel = args.parallel or len(runs)
+    args.parallel = args.parallel or min(len(runs), 8)  # each run holds its own model and activations on the GPU
     return args
 
 
