@@ -8,8 +8,8 @@ Stages (`all` runs them in order; a rerun with the same --out continues where th
   prepare  `nitp prepare-data` with a byte-level BPE trained on the corpus (--vocab). Skipped when OUT/data
            exists (--rebuild-data redoes both).
   train    every (arm, seed) run with `nitp train`, one process each, --parallel of them at once on the one GPU
-           (default: all, at most 8). Seed s is `train.seed=s` in every arm: the same initial weights of the shared model
-           and the same data order, so arms are paired by seed. A finished run is evaluated at once with the
+           (default: all, at most 8). Seed s is `train.seed=s` in every arm: the same initial weights of the
+           shared model and the same data order, so arms are paired by seed. A finished run is evaluated at once with the
            shared evaluation (`nitp eval`, --per-layer). Runs resume from their checkpoints when the script is
            run again; --train-seconds stops the training that is still going (each run saves and exits).
   report   OUT/report.md and OUT/report.json: per arm, each metric's mean ± std over seeds; per arm, the paired
@@ -289,7 +289,8 @@ class Trainer:
     def watch_deadline(self, done: threading.Event) -> None:
         while not done.wait(5):
             if self.deadline is not None and time.monotonic() > self.deadline:
-                print(f"--train-seconds {self.args.train_seconds} reached: stopping the runs still training", flush=True)
+                print(f"--train-seconds {self.args.train_seconds} reached: stopping the runs still training",
+                      flush=True)
                 self.stop_all()
                 return
 
@@ -415,7 +416,8 @@ def report_markdown(report: dict) -> str:
     keys = [k for k in HEADLINE if any(summary[a].get(k, {}).get("n") for a in arms)]
     lines += ["| metric | " + " | ".join(f"{a} (n={n[a]})" for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(fmt_mean_std(summary[a].get(key), digits_for(key)) for a in arms) + " |")
+        cells = [fmt_mean_std(summary[a].get(key), digits_for(key)) for a in arms]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     compared = [a for a in arms if a in paired]
     if compared:
         lines += ["", f"## Paired difference to {report['baseline']} (95% interval)", "",

@@ -127,7 +127,8 @@ class NITPModel(nn.Module):
             parts = {"ntp": row_sums.sum() / tokens.clamp(min=1), "tokens": tokens.long(),
                      "ntp_rows": row_sums, "tokens_rows": row_tokens}
         if self.nitp_head is not None:
-            parts["nitp"] = nitp_loss(self.nitp_head(hidden), self._target, labels, self.nitp_loss_kind, self.offset)
+            parts["nitp"] = nitp_loss(self.nitp_head(hidden), self._target, labels, self.nitp_loss_kind,
+                                      self.offset)
         else:
             parts["nitp"] = torch.zeros((), device=hidden.device)
         group = self.aux_group_fn() if self.aux_group_fn is not None else None

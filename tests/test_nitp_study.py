@@ -39,7 +39,8 @@ def test_paired_difference_pairs_by_seed_and_gives_the_t_interval():
     # differences -0.01, -0.02, -0.03: mean -0.02, sd 0.01, half-width t(2) * 0.01 / sqrt(3)
     assert diff["mean"] == pytest.approx(-0.02) and diff["std"] == pytest.approx(0.01)
     half = 4.303 * 0.01 / math.sqrt(3)
-    assert diff["low"] == pytest.approx(-0.02 - half, abs=1e-5) and diff["high"] == pytest.approx(-0.02 + half, abs=1e-5)
+    assert diff["low"] == pytest.approx(-0.02 - half, abs=1e-5)
+    assert diff["high"] == pytest.approx(-0.02 + half, abs=1e-5)
     # the seeds move both arms by 0.2 nats; unpaired, the spread would swamp a 0.02 effect
     assert study.mean_std(list(ntp.values()))["std"] > 5 * diff["std"]
     one = study.paired_difference({0: 1.0}, {0: 0.5})
