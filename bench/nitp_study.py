@@ -214,21 +214,11 @@ def train_command(args, run: Run) -> list[str]:
     return command
 
 
-def eval_commands(args, run: Run) -> list[list[str]]:
-    """`nitp eval` of the run's final checkpoint, per layer, into eval_step{N}.json. Where `nitp eval` reads run
-    directories itself (the shared evaluation: a token cap over the whole val split) it is one command;
-    with an older `nitp eval`, the checkpoint is converted first and scored on --eval-batches batches."""
-    from nitp_ds.config import TrainConfig
-
-    directory, out_json = run_dir(args.out, run), eval_json(args.out, run, args.steps)
-    common = ["--per-layer", "--sample-tokens", str(args.sample_tokens), "--out", str(out_json)]
-    if "eval_tokens" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return [["eval", str(directory), "--tokens", str(args.eval_tokens), *common]]
-    converted = directory / "converted"
-    seq_len = "64" if args.tiny else "1024"
-    return [["convert", str(directory), "--out", str(converted), "--force"],
-            ["eval", str(converted), "--data", str(args.out / "data"), "--batches", str(args.eval_batches),
-             "--seq-len", seq_len, *common]]
+def eval_command(args, run: Run) -> list[str]:
+    """`nitp eval` of the run's final checkpoint (the shared evaluation: the trainer's validation loss over the
+    whole val split up to --eval-tokens, at the training sequence length), with per-layer geometry."""
+    return ["eval", str(run_dir(args.out, run)), "--tokens", str(args.eval_tokens), "--per-layer",
+            "--sample-tokens", str(args.sample_tokens), "--out", str(eval_json(args.out, run, args.steps))]
 
 
 class Trainer:
@@ -280,10 +270,9 @@ class Trainer:
         if eval_json(args.out, run, args.steps).exists():
             return "finished, evaluated before"
         print(f"{run.name}: finished, evaluating", flush=True)
-        for command in eval_commands(args, run):
-            code = nitp(*command, env=self.env, log=log)
-            if code != 0:
-                return f"evaluation failed (exit {code}, see {log})"
+        code = nitp(*eval_command(args, run), env=self.env, log=log)
+        if code != 0:
+            return f"evaluation failed (exit {code}, see {log})"
         return "finished and evaluated"
 
     def watch_deadline(self, done: threading.Event) -> None:
@@ -493,7 +482,6 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--phase-steps", type=int, default=50, help="NITP loss phases: min up to, max after")
     parser.add_argument("--eval-tokens", type=int, default=1_000_000, help="`nitp eval --tokens` (cap)")
-    parser.add_argument("--eval-batches", type=int, default=40, help="older `nitp eval` without --tokens")
     parser.add_argument("--sample-tokens", type=int, default=4096, help="token states for the geometry")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke shape (see TINY)")
     parser.add_argument("--no-plot", action="store_true")
@@ -507,7 +495,7 @@ def parse_args(argv: list[str] | None = None):
     if args.tiny:
         args.corpus_mb, args.vocab = min(args.corpus_mb, 1.0), min(args.vocab, 512)
         args.ds_config = "ds_configs/zero3_moe_cpu.json"
-        args.eval_tokens, args.eval_batches, args.sample_tokens = 4096, 4, 256
+        args.eval_tokens, args.sample_tokens = 4096, 256
     args.out = args.out.resolve()
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = [Run(arm, seed) for seed in args.seed_list for arm in args.arms]
