@@ -30,3 +30,7 @@ def test_total_loss_uses_the_ramped_lambda_across_a_resume(tmp_path):
         expected = record["loss/ntp"] + lam * record["loss/nitp"] + 0.01 * record["loss/aux"]
         assert record["loss/total"] == pytest.approx(expected, rel=1e-6), record["step"]
         assert record["loss/nitp"] > 0.01  # λ·L_NITP is not trivially zero: the ramp is visible in the total
+    # the checkpoint records the NITP settings, for `nitp eval` to score the NITP loss as trained
+    meta = json.loads((run / "checkpoints" / "global_step6" / "nitp_meta.json").read_text())
+    assert {k: meta["nitp"][k] for k in ("loss", "offset", "stop_grad", "weight_warmup_steps")} == {
+        "loss": "cosine", "offset": 1, "stop_grad": True, "weight_warmup_steps": 4}
