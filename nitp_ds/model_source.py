@@ -82,7 +82,8 @@ def open_directory(path: Path, dtype: torch.dtype, run_dir: Path | None = None,
         model = NITPModel(lm, head="none", target_layer=0)
         info = {"family": config.model_type, "nitp_head": None}
     else:
-        model = NITPModel(lm, head=nitp["head"], head_mult=nitp["head_mult"], target_layer=nitp["target_layer"])
+        model = NITPModel(lm, head=nitp["head"], head_mult=nitp["head_mult"], target_layer=nitp["target_layer"],
+                          loss=nitp["loss"], offset=nitp["offset"])
         load_head(model.nitp_head, head_file)
         info = {"family": config.model_type, "nitp_head": nitp["head"], "target_layer": nitp["target_layer"]}
     seq_len, seq_len_from = training_seq_len(meta, (shown_as or path) / META, run_dir)
@@ -134,7 +135,9 @@ def nitp_settings(meta: dict[str, Any], path: Path, config) -> dict[str, Any] | 
         from nitp_ds.resolve import default_target_layer
 
         target = default_target_layer(config.num_hidden_layers)
-    return {"head": nitp["head"], "head_mult": int(nitp.get("head_mult", 4)), "target_layer": int(target)}
+    # loss and offset were added with the ablation options; checkpoints from before them used cosine, offset 1
+    return {"head": nitp["head"], "head_mult": int(nitp.get("head_mult", 4)), "target_layer": int(target),
+            "loss": nitp.get("loss", "cosine"), "offset": int(nitp.get("offset", 1))}
 
 
 @contextlib.contextmanager
