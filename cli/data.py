@@ -13,13 +13,17 @@ from nitp_ds.cli.main import app
 @app.command("prepare-data")
 def prepare_data_command(
     source: list[str] = typer.Option(..., "--source", "-s", help="[NAME=]INPUT[@WEIGHT], repeatable. INPUT: a file "
-                                     "(.txt = one document per file, .jsonl, .parquet), a directory, a glob, a "
-                                     "save_to_disk directory, or hf:NAME[:CONFIG][:SPLIT]."),
+                                     "(.txt = documents cut at blank lines, .jsonl, .parquet; other text = one document per "
+                                     "file), a directory, a glob, a save_to_disk directory, or hf:NAME[:CONFIG][:SPLIT]."),
     out: Path = typer.Option(..., "--out", "-o", help="The data directory to write."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A local Hugging Face tokenizer directory."),
     train_tokenizer: Optional[int] = typer.Option(None, "--train-tokenizer", metavar="VOCAB_SIZE",
                                                   help="Train a byte-level BPE of this size on the sources."),
     text_key: str = typer.Option("text", "--text-key", help="JSONL key / Parquet or dataset column of the text."),
+    txt_documents: str = typer.Option("paragraphs", "--txt-documents",
+                                      help="How .txt files become documents: paragraphs (cut at blank lines) or "
+                                           "files (one per file). Either way, documents over ~4M characters are "
+                                           "cut at a line end."),
     val_fraction: float = typer.Option(0.005, "--val-fraction", help="Fraction of documents held out for val."),
     val_tokens: Optional[int] = typer.Option(None, "--val-tokens", help="Hold out about this many val tokens instead."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/val split."),
@@ -33,8 +37,9 @@ def prepare_data_command(
     from nitp_ds.data.prepare import prepare_data
 
     manifest = prepare_data(source, out, tokenizer=tokenizer, train_vocab_size=train_tokenizer, text_key=text_key,
-                            val_fraction=val_fraction, val_tokens=val_tokens, seed=seed, num_workers=workers,
-                            dtype=dtype, shard_tokens=shard_tokens, force=force, progress=progress)
+                            txt_documents=txt_documents, val_fraction=val_fraction, val_tokens=val_tokens, seed=seed,
+                            num_workers=workers, dtype=dtype, shard_tokens=shard_tokens, force=force,
+                            progress=progress)
     _print_tables(manifest, out)
 
 
@@ -86,3 +91,6 @@ def _print_tables(manifest: dict[str, Any], path: Path) -> None:
     table.add_row("total", "", "", "", "", f"{splits['train']['tokens']:,}", f"{splits['train']['documents']:,}",
                   f"{splits['val']['tokens']:,}", f"{splits['val']['documents']:,}", "", style="bold")
     console.print(table)
+    for source in manifest["sources"]:  # "split" is absent from directories written before it existed
+        if source.get("split", {}).get("by") == "tokens":
+            console.print(f"notice: {source['split']['notice']}", markup=False, soft_wrap=True)

@@ -52,6 +52,7 @@ def test_every_input_kind_is_read_one_document_per_unit(tmp_path):
     for i in range(3):
         (tmp_path / "dir" / f"{i}.txt").write_text(sentence(rng) + "\n\n" + sentence(rng))
     (tmp_path / "dir" / "sub" / "x.txt").write_text(sentence(rng))
+    (tmp_path / "dir" / "notes.md").write_text(sentence(rng) + "\n\n" + sentence(rng))  # not .txt: one document
     (tmp_path / "dir" / ".hidden").write_text("skipped")
     write_jsonl(tmp_path / "a.jsonl", [sentence(rng) for _ in range(7)])
     pq.write_table(pa.table({"text": [sentence(rng) for _ in range(5)], "id": list(range(5))}), tmp_path / "p.parquet")
@@ -62,7 +63,7 @@ def test_every_input_kind_is_read_one_document_per_unit(tmp_path):
                                   str(tmp_path / "p.parquet"), str(tmp_path / "saved")], val_fraction=0.0)
 
     read = {s["name"]: s["read"]["documents"] for s in manifest["sources"]}
-    assert read == {"dir": 4, "file": 1, "glob": 3, "a": 7, "p": 5, "saved": 6}
+    assert read == {"dir": 8, "file": 2, "glob": 6, "a": 7, "p": 5, "saved": 6}  # a .txt paragraph is a document
     train = manifest["splits"]["train"]["sources"]
     assert {name: train[name]["documents"] for name in read} == read
     eos = manifest["eos_token_id"]
@@ -71,6 +72,105 @@ def test_every_input_kind_is_read_one_document_per_unit(tmp_path):
             assert doc[-1] == eos and eos not in doc[:-1]
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
     assert manifest["tokenizer"]["sha256"] and manifest["args"]["val_fraction"] == 0.0
+
+
+def decoded(out: Path, split: str, source: str) -> list[str]:
+    """The text of every document of one stream (EOS dropped)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    eos = open_data(out).eos_token_id
+    return [tokenizer.decode([t for t in doc if t != eos]) for doc in documents(out, split, source)]
+
+
+def test_one_large_txt_file_is_read_in_blocks_and_split_at_blank_lines(tmp_path, monkeypatch):
+    import nitp_ds.data.sources as sources
+
+    monkeypatch.setattr(sources, "READ_BYTES", 4096)  # many block boundaries inside and between paragraphs
+    rng = random.Random(0)
+    paragraphs = [f"paragraph {i}\n" + "\n".join(sentence(rng, rng.randint(3, 30)) for _ in range(rng.randint(1, 4)))
+                  for i in range(3000)]
+    separators = ["\n\n", "\n\n\n", "  \n \t\n", "\r\n\r\n"]
+    text = "".join(p + rng.choice(separators) for p in paragraphs)
+    (tmp_path / "corpus.txt").write_text(text, newline="")
+    assert len(text) > 900_000
+
+    manifest = prepare(tmp_path, [str(tmp_path / "corpus.txt")])
+    source = manifest["sources"][0]
+    assert source["read"]["documents"] == 3000 and source["split"] == {"by": "documents"}
+    train, val = decoded(tmp_path / "out", "train", "corpus"), decoded(tmp_path / "out", "val", "corpus")
+    assert len(val) >= 10 and sorted(train + val) == sorted(paragraphs)  # each paragraph whole, in one split
+
+    whole = prepare(tmp_path, [str(tmp_path / "corpus.txt")], "whole", txt_documents="files", val_fraction=0.0)
+    assert decoded(tmp_path / "whole", "train", "corpus") == [text]  # under MAX_DOCUMENT_CHARS: one document
+
+
+def test_a_txt_file_without_blank_lines_is_cut_at_line_ends(tmp_path, monkeypatch):
+    import nitp_ds.data.sources as sources
+
+    monkeypatch.setattr(sources, "READ_BYTES", 1000)
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_CHARS", 5000)
+    rng = random.Random(1)
+    lines = [sentence(rng, rng.randint(1, 12)) + "\n" for _ in range(4000)]
+    (tmp_path / "lines.txt").write_text("".join(lines))
+    stats = sources.ReadStats()
+    docs = list(sources.iter_documents(sources.parse_source(str(tmp_path / "lines.txt")), stats=stats))
+    assert "".join(docs) == "".join(lines).rstrip() and stats.documents == len(docs) > 10  # the end: stripped
+    assert all(doc.endswith("\n") and 5000 <= len(doc) < 5000 + 2 * 1000 for doc in docs[:-1])
+
+    monkeypatch.setattr(sources, "READ_BYTES", 999)  # odd: reads end inside the two-byte characters
+    long_line = "é" * 6000  # one line longer than a read: cut inside it, on character boundaries
+    (tmp_path / "long.txt").write_text(long_line)
+    stats = sources.ReadStats()
+    docs = list(sources.iter_documents(sources.parse_source(str(tmp_path / "long.txt")), stats=stats))
+    assert "".join(docs) == long_line and len(docs) == 2 and stats.replaced == 0
+
+
+def test_reading_a_big_text_file_holds_a_bounded_part_of_it(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import nitp_ds.data.sources as sources
+
+    monkeypatch.setattr(sources, "READ_BYTES", 64 << 10)
+    monkeypatch.setattr(sources, "MAX_DOCUMENT_CHARS", 256 << 10)
+    line = "a line of text without any blank line after it," * 4 + "\n"
+    (tmp_path / "big.txt").write_text(line * ((32 << 20) // len(line)))
+    size = (tmp_path / "big.txt").stat().st_size
+    tracemalloc.start()
+    lengths = [len(doc) for doc in sources.iter_documents(sources.parse_source(str(tmp_path / "big.txt")))]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    limit = sources.MAX_DOCUMENT_CHARS
+    assert sum(lengths) == size - 1 and all(limit <= n < limit + 2 * sources.READ_BYTES for n in lengths[:-1])
+    assert peak < 8 * limit < size / 15, peak  # a few documents' worth, not the file
+
+
+def test_a_source_with_too_few_documents_is_split_by_tokens_with_a_notice(tmp_path, monkeypatch, capsys):
+    rng = random.Random(2)
+    (tmp_path / "book.txt").write_text("\n\n".join(sentence(rng, 200) for _ in range(6)))
+    manifest = prepare(tmp_path, [str(tmp_path / "book.txt")], val_fraction=0.05)
+    split = manifest["sources"][0]["split"]
+    train, val = manifest["splits"]["train"]["sources"]["book"], manifest["splits"]["val"]["sources"]["book"]
+    total = train["tokens"] + val["tokens"]
+    assert split["by"] == "tokens" and val["tokens"] == split["val_tokens"] == -(-total * 5 // 100)
+    assert "6 documents, too few for a document-level val split" in split["notice"]
+    # Nothing lost or duplicated: the two streams together hold the 6 documents (one of them cut in two).
+    eos = manifest["eos_token_id"]
+    pieces = documents(tmp_path / "out", "train", "book") + documents(tmp_path / "out", "val", "book")
+    assert sum(len(p) for p in pieces) == total and sum(p.count(eos) for p in pieces) == 6 and len(pieces) == 7
+    assert documents(tmp_path / "out", "train", "book")[-1][-1] != eos  # the cut document's head: no EOS
+    open_data(tmp_path / "out", verify=True)  # the re-cut shards match their recorded sha256
+
+    code, stdout, _ = run_cli(["data-info", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 0 and "notice: source 'book' has 6 documents" in stdout
+
+    by_tokens = prepare(tmp_path, [str(tmp_path / "book.txt")], "tok", val_tokens=300)
+    assert by_tokens["splits"]["val"]["tokens"] == 300 and by_tokens["sources"][0]["split"]["by"] == "tokens"
+    with pytest.raises(NITPError, match=r"source 'book' has .* tokens and val asks 100,000 of them, which leaves none"):
+        prepare(tmp_path, [str(tmp_path / "book.txt")], "all", val_tokens=100_000)
+    assert not (tmp_path / "all").exists()
+    with pytest.raises(NITPError, match=r"--txt-documents 'lines' is not one of paragraphs, files"):
+        prepare(tmp_path, [str(tmp_path / "book.txt")], "lines", txt_documents="lines")
 
 
 def test_source_syntax_names_weights_and_hub_specs():

@@ -14,17 +14,12 @@ Output layout (see docs/data.md):
     {train,val}/{source}/00000.bin  tokens, uint16 or uint32, documents back to back, each ending in EOS
     {train,val}/{source}/docs.npy   int64 document start offsets into that stream, plus its length
 
-The val split takes whole documents. With `val_fraction`, each document goes to val with that
-probability, from a hash of (seed, source, document number): deterministic, and independent of
-batching and worker count. With `val_tokens`, val takes a pseudo-random quarter of the first
-documents of each source until the source's share (by weight) of `val_tokens` is reached.
+The val split takes whole documents, or tokens for a source with too few documents (data/split.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -37,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from nitp_ds.data.encode import DocumentEncoder
-from nitp_ds.data.sources import ReadStats, SourceSpec, iter_documents, parse_source
+from nitp_ds.data.shards import TokenShardWriter, append_documents
+from nitp_ds.data.sources import TXT_DOCUMENTS, ReadStats, SourceSpec, iter_documents, parse_source
+from nitp_ds.data.split import DocumentSplitter, settle_split
 from nitp_ds.data.tokenizer import (load_tokenizer, save_tokenizer, tokenizer_sha256, train_tokenizer,
                                     vocab_size_of)
 from nitp_ds.errors import NITPError
@@ -48,7 +45,6 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 BATCH_CHARS = 4 << 20  # text per tokenizer task: large enough to amortise the IPC, small enough to stream
-VAL_TOKENS_PICK = 0.25  # with val_tokens: the fraction of early documents that are candidates for val
 
 
 def prepare_data(
@@ -58,6 +54,7 @@ def prepare_data(
     tokenizer: str | Path | None = None,
     train_vocab_size: int | None = None,
     text_key: str = "text",
+    txt_documents: str = "paragraphs",
     val_fraction: float = 0.005,
     val_tokens: int | None = None,
     seed: int = 0,
@@ -71,16 +68,20 @@ def prepare_data(
 ) -> dict[str, Any]:
     """Tokenize `sources` into a data directory at `out_dir`; returns its manifest.
 
-    `word_cache=False` encodes with the Rust tokenizer alone (same ids, slower; see data/encode.py).
+    `txt_documents`: how `.txt` files become documents, "paragraphs" (cut at blank lines) or "files"
+    (see data/sources.py). `word_cache=False` encodes with the Rust tokenizer alone (same ids,
+    slower; see data/encode.py).
     """
     specs = [s if isinstance(s, SourceSpec) else parse_source(s) for s in sources]
     _check_arguments(specs, tokenizer, train_vocab_size, val_fraction, val_tokens, dtype, shard_tokens)
+    if txt_documents not in TXT_DOCUMENTS:
+        raise NITPError(f"--txt-documents {txt_documents!r} is not one of {', '.join(TXT_DOCUMENTS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise NITPError(f"output {out_dir} already exists; pass --force to replace it (or choose another --out)")
     args = dict(sources=[asdict(s) for s in specs], out_dir=str(out_dir), tokenizer=str(tokenizer) if tokenizer else None,
-                train_vocab_size=train_vocab_size, text_key=text_key, val_fraction=val_fraction,
-                val_tokens=val_tokens, seed=seed, dtype=dtype, shard_tokens=shard_tokens)
+                train_vocab_size=train_vocab_size, text_key=text_key, txt_documents=txt_documents,
+                val_fraction=val_fraction, val_tokens=val_tokens, seed=seed, dtype=dtype, shard_tokens=shard_tokens)
 
     tmp_dir = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
     try:
@@ -134,20 +135,24 @@ def _prepare_into(tmp_dir: Path, specs: list[SourceSpec], args: dict, text_key: 
     writers = {(split, s.name): TokenShardWriter(tmp_dir / split / s.name, dtype, args["shard_tokens"])
                for split in SPLITS for s in specs}
     read_stats = {s.name: ReadStats() for s in specs}
+    split_by: dict[str, dict] = {}
     total_weight = sum(s.weight for s in specs)
     with _Encoder(tokenizer_dir / "tokenizer.json", eos_id, dtype, num_workers, word_cache) as encoder, \
             _Progress(progress) as bar:
         tokenize_started = time.perf_counter()
         for index, spec in enumerate(specs):
             bar.start_source(spec.name)
-            splitter = _Splitter(args, index, spec.weight / total_weight)
-            documents = iter_documents(spec, text_key, read_stats[spec.name])
+            splitter = DocumentSplitter(args, index, spec.weight / total_weight)
+            documents = iter_documents(spec, text_key, read_stats[spec.name], args["txt_documents"])
+            train, val = writers[("train", spec.name)], writers[("val", spec.name)]
             for tokens, lengths in encoder.encode(_text_batches(documents)):
                 to_val = splitter.assign(lengths)
-                _append_documents(writers[("train", spec.name)], tokens, lengths, ~to_val)
-                _append_documents(writers[("val", spec.name)], tokens, lengths, to_val)
+                append_documents(train, tokens, lengths, ~to_val)
+                append_documents(val, tokens, lengths, to_val)
                 bar.advance(len(lengths), len(tokens))
-            _check_source(spec, read_stats[spec.name], writers)
+            _check_source(spec, read_stats[spec.name])
+            train, val, split_by[spec.name] = settle_split(spec.name, splitter, train, val)
+            writers[("train", spec.name)], writers[("val", spec.name)] = train, val
         tokenize_seconds = time.perf_counter() - tokenize_started
 
     splits = {}
@@ -166,7 +171,7 @@ def _prepare_into(tmp_dir: Path, specs: list[SourceSpec], args: dict, text_key: 
         "vocab_size": vocab_size,
         "eos_token_id": eos_id,
         "dtype": np.dtype(dtype).name,
-        "sources": [{**asdict(s), "read": {k: v for k, v in asdict(read_stats[s.name]).items()}} for s in specs],
+        "sources": [{**asdict(s), "read": asdict(read_stats[s.name]), "split": split_by[s.name]} for s in specs],
         "splits": splits,
         "args": args,
         "timing": {"seconds": round(time.perf_counter() - started, 3),
@@ -186,7 +191,7 @@ def _tokenizer_for(specs, args, text_key, train_bytes):
     def sample() -> Iterator[str]:
         for spec in specs:
             used = 0
-            for text in iter_documents(spec, text_key, ReadStats()):
+            for text in iter_documents(spec, text_key, ReadStats(), args["txt_documents"]):
                 yield text
                 used += len(text)
                 if used >= budget:
@@ -206,13 +211,10 @@ def _choose_dtype(asked: str, vocab_size: int):
     return DTYPES[asked]
 
 
-def _check_source(spec: SourceSpec, stats: ReadStats, writers) -> None:
+def _check_source(spec: SourceSpec, stats: ReadStats) -> None:
     if stats.documents == 0:
         raise NITPError(f"source {spec.name!r} ({spec.input}) has no documents (empty corpus: files empty or blank); "
                         "add text or drop that --source")
-    if writers[("train", spec.name)].tokens == 0:
-        raise NITPError(f"source {spec.name!r} has no training documents after the val split; "
-                        "lower --val-fraction / --val-tokens or add data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,111 +272,6 @@ class _Encoder:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
-
-
-# ---------------------------------------------------------------------------------------------
-# Splitting documents into train and val
-# ---------------------------------------------------------------------------------------------
-
-
-class _Splitter:
-    """Decides, per document, whether it goes to val; the decision depends only on seed, source, number."""
-
-    def __init__(self, args: dict, source_index: int, share: float):
-        self.seed, self.source_index, self.next_doc = args["seed"], source_index, 0
-        self.val_tokens = args["val_tokens"]
-        self.fraction = args["val_fraction"] if self.val_tokens is None else VAL_TOKENS_PICK
-        self.quota = math.ceil(self.val_tokens * share) if self.val_tokens is not None else None
-
-    def assign(self, lengths: np.ndarray) -> np.ndarray:
-        numbers = np.arange(self.next_doc, self.next_doc + len(lengths), dtype=np.uint64)
-        self.next_doc += len(lengths)
-        to_val = document_uniforms(self.seed, self.source_index, numbers) < self.fraction
-        if self.quota is not None:
-            candidate_tokens = np.where(to_val, lengths, 0)
-            before = np.cumsum(candidate_tokens) - candidate_tokens
-            to_val &= before < self.quota
-            self.quota = max(0, self.quota - int(candidate_tokens[to_val].sum()))
-        return to_val
-
-
-def document_uniforms(seed: int, source_index: int, numbers: np.ndarray) -> np.ndarray:
-    """A uniform in [0, 1) per document number: splitmix64 of (seed, source, number)."""
-    with np.errstate(over="ignore"):
-        x = numbers.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + source_index * 0xD1B54A32D192ED03)
-                                                  & 0xFFFFFFFFFFFFFFFF)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing: one stream of shards per (split, source)
-# ---------------------------------------------------------------------------------------------
-
-
-def _append_documents(writer: "TokenShardWriter", tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> None:
-    if not keep.any():
-        return
-    if keep.all():
-        writer.write(tokens, lengths)
-        return
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    picked = np.concatenate([tokens[s:e] for s, e in zip(starts[keep], ends[keep])])
-    writer.write(picked, lengths[keep])
-
-
-class TokenShardWriter:
-    """Appends documents to numbered shard files, hashing as it goes, and records document offsets."""
-
-    def __init__(self, directory: Path, dtype, shard_tokens: int):
-        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
-        self.doc_lengths: list[np.ndarray] = []
-        self.tokens = 0
-        self._file = None
-
-    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self.doc_lengths.append(lengths)
-        tokens = tokens.astype(self.dtype, copy=False)
-        while len(tokens):
-            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
-                self._open_next()
-            room = self.shard_tokens - self.shards[-1]["tokens"]
-            part, tokens = tokens[:room], tokens[room:]
-            data = part.tobytes()
-            self._file.write(data)
-            self._hash.update(data)
-            self.shards[-1]["tokens"] += len(part)
-            self.tokens += len(part)
-
-    def _open_next(self) -> None:
-        self._finish_shard()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{len(self.shards):05d}.bin"
-        self._file = open(self.directory / name, "wb")
-        self._hash = hashlib.sha256()
-        self.shards.append({"file": name, "tokens": 0})
-
-    def _finish_shard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self.shards[-1]["bytes"] = self.shards[-1]["tokens"] * np.dtype(self.dtype).itemsize
-            self.shards[-1]["sha256"] = self._hash.hexdigest()
-
-    def close(self, root: Path) -> dict[str, Any]:
-        """Finish the last shard, write docs.npy; returns this stream's entry for the manifest."""
-        self._finish_shard()
-        lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        np.save(self.directory / "docs.npy", offsets)
-        rel = self.directory.relative_to(root).as_posix()
-        return {"tokens": self.tokens, "documents": int(len(lengths)), "dir": rel,
-                "doc_index": f"{rel}/docs.npy", "shards": self.shards}
 
 
 # ---------------------------------------------------------------------------------------------

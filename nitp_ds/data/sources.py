@@ -2,16 +2,24 @@
 
 A source spec is `[NAME=]INPUT[@WEIGHT]` (name defaults to the input's stem, weight to 1). INPUT is
 - a file: `.jsonl` (one JSON object per line, the document in `text_key`), `.parquet` (column
-  `text_key`), anything else is plain text with ONE DOCUMENT PER FILE (the whole file);
+  `text_key`), `.txt` (plain text cut into documents at blank lines, or one document per file with
+  txt_documents="files"), anything else is plain text with ONE DOCUMENT PER FILE;
 - a directory: every file under it (recursively, sorted, hidden files skipped), each read by its
   extension as above; a directory written by `datasets.save_to_disk` is read with `load_from_disk`;
 - a glob (`data/**/*.txt`), expanded and sorted;
 - `hf:NAME[:CONFIG][:SPLIT]`: `datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`
   (split defaults to train; needs the Hugging Face hub, unlike everything else here).
 
-Reading is streaming: only one line, one Parquet batch or one text file is in memory at a time.
-Bytes that are not valid UTF-8 are decoded as U+FFFD and counted in `ReadStats.replaced`.
-Empty documents are skipped.
+Plain text. A blank line is a line of whitespace only. With "paragraphs" (`.txt`), a run of blank
+lines ends a document (as `datasets`' text builder with sample_by="paragraph"); the separator and
+trailing whitespace are not part of either document, and the end of the file ends the last one.
+A document that reaches MAX_DOCUMENT_CHARS without one (a long file without blank lines, or any long
+file read whole) is cut at a line end less than 2 x READ_BYTES later (inside a line longer than
+READ_BYTES: on a character boundary); each piece is a document (followed by EOS, like any other).
+
+Reading is streaming: only one line, one Parquet batch or READ_BYTES of a text file (plus the
+document being assembled) is in memory at a time. Bytes that are not valid UTF-8 are decoded as
+U+FFFD and counted in `ReadStats.replaced`. Empty documents are skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +35,13 @@ from pathlib import Path
 from nitp_ds.errors import NITPError
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+TXT_DOCUMENTS = ("paragraphs", "files")  # how a .txt file becomes documents
+READ_BYTES = 1 << 20
+MAX_DOCUMENT_CHARS = 4 << 20  # about one tokenizer batch (prepare.BATCH_CHARS)
+# The end of a paragraph: its line break, then one or more blank lines (a pattern that starts with a
+# literal "\n": re scans for it quickly; one that starts with optional whitespace runs ~20x slower).
+PARAGRAPH_BREAK = re.compile(r"\n(?:[^\S\n]*\n)+")
+LEADING_BLANK_LINES = re.compile(r"^(?:[^\S\n]*\n)+")
 
 
 @dataclass
@@ -83,7 +98,8 @@ def _default_name(input_: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "data"
 
 
-def iter_documents(source: SourceSpec, text_key: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
+def iter_documents(source: SourceSpec, text_key: str = "text", stats: ReadStats | None = None,
+                   txt_documents: str = "paragraphs") -> Iterator[str]:
     """Every non-empty document of one source, in a fixed order."""
     stats = stats if stats is not None else ReadStats()
     if source.input.startswith("hf:"):
@@ -99,8 +115,8 @@ def iter_documents(source: SourceSpec, text_key: str = "text", stats: ReadStats 
         elif path.suffix == ".parquet":
             yield from _parquet_documents(path, text_key, stats)
         else:
-            text = _decode(_read_bytes(path), stats, str(path))
-            yield from _count([text], stats)
+            paragraphs = path.suffix == ".txt" and txt_documents == "paragraphs"
+            yield from _count(_text_documents(path, stats, paragraphs), stats)
 
 
 def resolve_files(input_: str) -> list[Path]:
@@ -128,11 +144,61 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _read_bytes(path: Path) -> bytes:
+def _open(path: Path):
     try:
-        return path.read_bytes()
+        return path.open("rb")
     except OSError as exc:
         raise NITPError(f"cannot read {path} ({exc.strerror}); check its permissions or drop it from --source") from None
+
+
+def _text_documents(path: Path, stats: ReadStats, paragraphs: bool) -> Iterator[str]:
+    """The documents of one plain-text file, read READ_BYTES at a time (see the module's docstring)."""
+    pending = ""  # the document being assembled
+    with _open(path) as handle:
+        carry = b""  # the start of a line (or of a character) that the next block completes
+        while True:
+            block = handle.read(READ_BYTES)
+            raw, carry = _complete_lines(carry + block) if block else (carry, b"")
+            text = _decode(raw, stats, str(path)) if raw else ""
+            if paragraphs and not pending:  # a document starts here: blank lines are still its separator
+                text = LEADING_BLANK_LINES.sub("", text)
+            if paragraphs:
+                done, pending = _paragraphs(pending, text)
+                yield from done
+            else:
+                pending += text
+            if len(pending) >= MAX_DOCUMENT_CHARS or not block:
+                if paragraphs and not block:  # the end of the file ends the last paragraph
+                    pending = pending.rstrip()
+                if pending:
+                    yield pending
+                pending = ""
+            if not block:
+                return
+
+
+def _paragraphs(pending: str, text: str) -> tuple[list[str], str]:
+    """The paragraphs that `text` completes, and the start of the next. Only the last line of `pending`
+    (the rest held no break) is searched again, so a long paragraph is not rescanned at every read."""
+    start = pending.rfind("\n", 0, len(pending) - 1) + 1
+    *done, rest = PARAGRAPH_BREAK.split(pending[start:] + text)
+    if not done:
+        return [], pending[:start] + rest
+    done[0] = pending[:start] + done[0]
+    return [paragraph.rstrip() for paragraph in done if paragraph.strip()], rest
+
+
+def _complete_lines(raw: bytes) -> tuple[bytes, bytes]:
+    """(whole lines, the rest); with no line break at all, (whole UTF-8 characters, the rest)."""
+    cut = raw.rfind(b"\n") + 1
+    if cut:
+        return raw[:cut], raw[cut:]
+    for back in range(1, min(4, len(raw)) + 1):  # an incomplete multi-byte character at the end waits
+        lead = raw[-back]
+        if lead & 0xC0 != 0x80:
+            need = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+            return (raw[:-back], raw[-back:]) if need > back else (raw, b"")
+    return raw, b""
 
 
 def _decode(raw: bytes, stats: ReadStats, where: str) -> str:
