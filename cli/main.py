@@ -1,7 +1,8 @@
 """The `nitp` Typer app: one function per command, parsing and printing only.
 
 Each command calls one library function; bad input raises `NITPError`, which `main` prints as
-one line and turns into exit code 2 (`--debug` shows the traceback instead).
+one line and turns into exit code 2 (`--debug` shows the traceback instead). Third-party warnings,
+log records and progress bars are hidden unless `--debug` is given (nitp_ds/console.py).
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors, and the third-party "
+                                     "warnings, log lines and progress bars that are hidden otherwise."),
           local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
                                          help="Passed by the deepspeed launcher; LOCAL_RANK is read instead.")) -> None:
     # `deepspeed --module nitp_ds.cli train ...` without --no_local_rank puts --local_rank=N before the
     # command name; it is accepted and ignored (the launcher also sets LOCAL_RANK, which the trainer reads).
     if debug:
-        os.environ["NITP_DEBUG"] = "1"
+        os.environ["NITP_DEBUG"] = "1"  # the processes this one starts (launcher, ranks) inherit it
+    from nitp_ds.console import quiet_third_parties
+
+    quiet_third_parties()  # before any command imports torch, transformers or deepspeed
 
 
 @app.command("env")

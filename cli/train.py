@@ -102,8 +102,8 @@ def train_command(
 def _forwarded_argv() -> list[str]:
     """This command's own arguments, minus the launcher options, to run on every rank."""
     argv = sys.argv[1:]
-    if argv and argv[0] == "train":
-        argv = argv[1:]
+    if "train" in argv:  # root options before it (--debug) reach the ranks through NITP_DEBUG
+        argv = argv[argv.index("train") + 1:]
     out, skip = [], False
     for item in argv:
         if skip:

@@ -25,6 +25,7 @@ NITP_HEADS = ("swiglu", "mlp", "linear", "none")
 NITP_LOSSES = ("cosine", "mse")
 SCHEDULES = ("cosine", "wsd", "constant")
 AUX_SCOPES = ("micro_batch", "global")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -122,10 +123,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None  # set it to log to Weights & Biases (needs `pip install nitp-ds[wandb]`)
+    name: str | None = None  # the W&B run name; default: the run directory's name
+    mode: str | None = None  # online, offline or disabled; default: W&B's own (WANDB_MODE, else online)
+
+
+@dataclass
 class LoggingConfig:
     every: int = 10
     tensorboard: bool = True
     expert_load: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -418,4 +427,23 @@ def validate(cfg: Config) -> Config:
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     need(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0, got {cfg.checkpoint.keep_last}")
     need(cfg.logging.every >= 1, f"logging.every must be >= 1, got {cfg.logging.every}")
+    _validate_wandb(cfg.logging.wandb)
     return cfg
+
+
+def _validate_wandb(w: WandbConfig) -> None:
+    if w.mode is not None and w.mode not in WANDB_MODES:
+        raise NITPError(f"logging.wandb.mode '{w.mode}' is not one of {', '.join(WANDB_MODES)}")
+    if w.project is None:
+        if w.name is not None or w.mode is not None:
+            raise NITPError("logging.wandb.name / mode are set but logging.wandb.project is not; "
+                            "set logging.wandb.project to log to Weights & Biases")
+        return
+    if not w.project.strip() or "/" in w.project:
+        raise NITPError(f"logging.wandb.project {w.project!r} must be a non-empty W&B project name without '/' "
+                        "(the entity comes from WANDB_ENTITY or your W&B login)")
+    import importlib.util
+
+    if w.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise NITPError("logging.wandb.project is set but the wandb package is not installed; "
+                        "pip install 'nitp-ds[wandb]' (or pip install wandb), or remove logging.wandb")

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nitp_ds.console import third_party_prints_hidden
 from nitp_ds.errors import NITPError
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ def start_process_group() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(world()[2])  # object collectives on NCCL use the current device
-    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    with third_party_prints_hidden():  # DeepSpeed prints a line when it loads its CPU communication op
+        comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
 
 
 # -- agreeing on errors -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+from nitp_ds.console import debug_enabled
 from nitp_ds.distributed import free_port, remove_shm_buffers
 from nitp_ds.errors import NITPError
 
@@ -21,10 +22,13 @@ say = partial(print, flush=True)  # before the launcher's own output, also when 
 
 
 def launcher_command(argv: list[str], nproc: int | None, num_nodes: int, hostfile: str | None, master_port: int, *,
-                     master_addr: str | None = None, node_rank: int | None = None) -> list[str]:
+                     master_addr: str | None = None, node_rank: int | None = None, quiet: bool = True) -> list[str]:
     """The stock `deepspeed` command that runs `nitp train argv` on every rank; node_rank means --no_ssh.
-    nproc None: the hostfile's slots decide (the launching host may have no GPUs)."""
+    nproc None: the hostfile's slots decide (the launching host may have no GPUs). quiet: the launcher's
+    own log at ERROR (its [INFO]/[WARNING] lines are noise unless --debug; pdsh's remote launchers keep theirs)."""
     cmd = ["deepspeed"]
+    if quiet:
+        cmd += ["--log_level", "error"]
     if hostfile:
         cmd += ["--hostfile", hostfile]
     if num_nodes > 1:
@@ -87,7 +91,8 @@ def launch(argv: list[str], nproc: int | None, *, num_nodes: int = 1, hostfile: 
         if node_rank is not None and not hostfile:
             hostfile = str(no_ssh_hostfile(nodes, nproc or 1, Path(tmp)))
             echo(f"hostfile {hostfile}: " + ", ".join(Path(hostfile).read_text().splitlines()))
-        cmd = launcher_command(argv, nproc, num_nodes, hostfile, port, master_addr=master_addr, node_rank=node_rank)
+        cmd = launcher_command(argv, nproc, num_nodes, hostfile, port, master_addr=master_addr, node_rank=node_rank,
+                               quiet=not debug_enabled())
         return run_launcher(cmd, remote_ranks=nodes > 1 and node_rank is None, echo=echo)
 
 

@@ -124,7 +124,8 @@ class Trainer:
         barrier()
         self.checkpoints.resume()
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
-                                    resume_step=self.state.step)
+                                    resume_step=self.state.step, wandb_config=cfg.logging.wandb,
+                                    run_config=to_dict(cfg))
         self.install_signal_handlers()
         self.flops = self.flops_model()
         self.start_interval()

@@ -10,6 +10,7 @@ import inspect
 import importlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -56,6 +57,15 @@ def prepare_data(tmp: Path) -> Path:
     subprocess.run([*NITP, "prepare-data", "--source", str(corpus), "--out", str(out), "--train-tokenizer", "400",
                     "--no-progress"], check=True, capture_output=True, text=True, cwd=REPO)
     return out
+
+
+# What the libraries underneath print on their own (nitp_ds/console.py hides it unless --debug): Python
+# warnings, DeepSpeed's log records, tqdm progress bars, DeepSpeed's "op built successfully" print.
+THIRD_PARTY_NOISE = re.compile(r"Warning|\[WARNING\]|\[INFO\]|\d+%\||built successfully")
+
+
+def third_party_noise(output: str) -> list[str]:
+    return [line for line in output.splitlines() if THIRD_PARTY_NOISE.search(line)]
 
 
 def train_args(data: Path, run_dir: Path, *, nproc: int = 1, extra: list[str] = (), ds_config: Path = DS_CONFIG,

@@ -119,3 +119,25 @@ def test_missing_recipe(tmp_path):
 
 def test_defaults_validate():
     validate(Config())
+
+
+def test_wandb_settings_are_typed_and_checked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("logging:\n  wandb: {project: my-project, name: run-1, mode: offline}\ntrain:\n  out_dir: x\n")
+    cfg = validate(load_config(recipe, ["logging.wandb.name=run-2"]))
+    assert (cfg.logging.wandb.project, cfg.logging.wandb.name, cfg.logging.wandb.mode) == ("my-project", "run-2",
+                                                                                           "offline")
+    assert from_dict(read_yaml_text(dump_yaml(cfg))).logging.wandb == cfg.logging.wandb  # resolved_config.yaml
+    assert validate(load_config(None, ["train.out_dir=x"])).logging.wandb.project is None  # off by default
+    with pytest.raises(NITPError, match="logging.wandb.mode 'cloud' is not one of online, offline, disabled"):
+        validate(load_config(None, ["train.out_dir=x", "logging.wandb.project=p", "logging.wandb.mode=cloud"]))
+    with pytest.raises(NITPError, match="logging.wandb.name / mode are set but logging.wandb.project is not"):
+        validate(load_config(None, ["train.out_dir=x", "logging.wandb.mode=offline"]))
+    with pytest.raises(NITPError, match="unknown key 'logging.wandb.projct' .*did you mean 'logging.wandb.project'"):
+        load_config(None, ["logging.wandb.projct=p"])
+
+
+def read_yaml_text(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from runs import REPO, child_env
+from runs import REPO, child_env, third_party_noise
 
 
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
@@ -12,6 +12,8 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
                             env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "nitp demo: summary" in result.stdout
+    # A quiet console: train (launcher + 2 ranks), export, eval and generate add no third-party lines.
+    assert third_party_noise(result.stdout + result.stderr) == []
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "model.safetensors.index.json").exists() or \
         any((out / "hf").glob("*.safetensors"))
     assert not any("nitp_head" in p.name for p in (out / "hf").iterdir())

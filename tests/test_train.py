@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from runs import DS_CONFIG, REPO, child_env, prepare_data, train
+from runs import DS_CONFIG, REPO, child_env, prepare_data, third_party_noise, train
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def test_training_lowers_ntp_and_nitp_losses(data, tmp_path, nproc):
     files = sorted(p.name for p in (run / "checkpoints" / "global_step32").iterdir())
     assert sum(f.endswith("model_states.pt") for f in files) == nproc
     assert "nitp_meta.json" in files
+    assert third_party_noise(result.stdout + result.stderr) == []  # a quiet console (tests/test_console.py)
     if nproc > 1:  # DeepSpeed's CPU shared-memory buffers of the job are gone (they filled /dev/shm before)
         port = re.search(r"--master_port (\d+)", result.stdout).group(1)
         assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
