@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import runs
-from nitp_ds.launch import launcher_command
 
 # Runs in a fresh interpreter: what each kind of source shows after `quiet_third_parties`. A warning's module
 # is the `__name__` of the code that calls warnings.warn, so running the same call in a namespace named
@@ -55,12 +54,6 @@ def test_third_party_warnings_are_hidden_and_the_projects_own_still_show():
     loud = probe("no-import", NITP_DEBUG="1")  # what `nitp --debug` sets for itself and the processes it starts
     assert len(loud["warnings"]) == 6 and "FutureWarning: from torch.distributed.c10d_logger" in loud["warnings"]
     assert loud["records"] == ["DeepSpeed WARNING", "DeepSpeed ERROR", "transformers WARNING"]
-
-
-def test_the_launcher_logs_errors_only_unless_debugging():
-    quiet = launcher_command(["--config", "debug"], 2, 1, None, 29500)
-    assert quiet[:3] == ["deepspeed", "--log_level", "error"]
-    assert "--log_level" not in launcher_command(["--config", "debug"], 2, 1, None, 29500, quiet=False)
 
 
 def test_debug_shows_the_third_party_lines_that_a_normal_run_hides(tmp_path_factory):
