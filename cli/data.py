@@ -13,8 +13,9 @@ from nitp_ds.cli.main import app
 @app.command("prepare-data")
 def prepare_data_command(
     source: list[str] = typer.Option(..., "--source", "-s", help="[NAME=]INPUT[@WEIGHT], repeatable. INPUT: a file "
-                                     "(.txt = documents cut at blank lines, .jsonl, .parquet; other text = one document per "
-                                     "file), a directory, a glob, a save_to_disk directory, or hf:NAME[:CONFIG][:SPLIT]."),
+                                     "(.txt = documents cut at blank lines, .jsonl, .parquet; other text = one "
+                                     "document per file), a directory, a glob, a save_to_disk directory, or "
+                                     "hf:NAME[:CONFIG][:SPLIT]."),
     out: Path = typer.Option(..., "--out", "-o", help="The data directory to write."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A local Hugging Face tokenizer directory."),
     train_tokenizer: Optional[int] = typer.Option(None, "--train-tokenizer", metavar="VOCAB_SIZE",

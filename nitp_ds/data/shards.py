@@ -100,7 +100,8 @@ def append_documents(writer: TokenShardWriter, tokens: np.ndarray, lengths: np.n
     writer.write(picked, lengths[keep])
 
 
-def recut(first: TokenShardWriter, second: TokenShardWriter, cut: int) -> tuple[TokenShardWriter, TokenShardWriter]:
+def recut(first: TokenShardWriter, second: TokenShardWriter,
+          cut: int) -> tuple[TokenShardWriter, TokenShardWriter]:
     """The stream `first` then `second`, cut again at token `cut`: two new writers in the same directories.
 
     The document that straddles `cut` becomes two documents: its head (without EOS) ends the first
@@ -111,7 +112,8 @@ def recut(first: TokenShardWriter, second: TokenShardWriter, cut: int) -> tuple[
     whole = int(np.searchsorted(ends, cut, side="right"))  # documents that end at or before the cut
     head = cut - (int(ends[whole - 1]) if whole else 0)
     first_lengths = np.concatenate([lengths[:whole], [head] if head else []]).astype(np.int64)
-    second_lengths = np.concatenate([[int(lengths[whole]) - head] if head else [], lengths[whole + 1 if head else whole:]])
+    tail = [int(lengths[whole]) - head] if head else []
+    second_lengths = np.concatenate([tail, lengths[whole + 1 if head else whole:]])
 
     new = [TokenShardWriter(w.directory.with_name(w.directory.name + ".recut"), w.dtype, w.shard_tokens)
            for w in (first, second)]
