@@ -56,9 +56,14 @@ def build_head(kind: str, d: int, mult: int, init_std: float) -> nn.Module | Non
         head = MLPHead(d, mult * d)
     else:
         head = nn.Linear(d, d, bias=False)
+    init_head(head, init_std)
+    return head
+
+
+def init_head(head: nn.Module, init_std: float) -> None:
+    """The head's initial weights: N(0, init_std) (the model's initializer_range) for every parameter."""
     for p in head.parameters():
         nn.init.normal_(p, std=init_std)
-    return head
 
 
 class NITPModel(nn.Module):

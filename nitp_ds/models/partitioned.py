@@ -1,0 +1,158 @@
+"""Building a model that ZeRO-3 partitions as it is built, with the weights of an ordinary build.
+
+Under ZeRO-3 each rank keeps only its 1/N partition of every parameter. `construction(ds_config)` builds
+the modules inside DeepSpeed's `zero.Init`, which partitions each module's parameters as soon as its
+constructor returns, so no rank ever holds the whole model; initialisation is switched off while it runs
+(transformers' `no_init_weights`), because an init that runs on partitioned parameters silently does
+nothing (they are empty placeholders).
+
+`initialize_like_from_config` then writes the initial weights one module at a time, each module's
+parameters gathered, computed on the host in float32 from the one global CPU generator, and copied back
+into the partitions: the same draws, in the same order, as an ordinary `from_config` on the host, which
+runs (1) each module's constructor-time init (`reset_parameters` of `nn.Linear`, `nn.Embedding`) in
+construction order, then (2) transformers' `initialize_weights` (children before parents, each
+PreTrainedModel with its own `_init_weights`), then ties the weights. So the weights are bit for bit those
+of an unpartitioned build with the same seed, on any world size and on any device; a rank holds one
+module's full parameters at a time (twice: gathered and its float32 host copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+
+def zero3_enabled(ds_config: dict[str, Any] | None) -> bool:
+    return bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+@contextlib.contextmanager
+def construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Modules built in this context are partitioned as they are built (ZeRO-3) and left uninitialised.
+
+    Without ZeRO-3 in `ds_config` the modules are built whole, still uninitialised. DeepSpeed's memory-efficient
+    linear (a global replacement of `F.linear` that outlives the context) is left off: the engine does not
+    need it, and it would change how every later linear layer computes.
+    """
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    partitioning = (deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
+                    if zero3_enabled(ds_config) else contextlib.nullcontext())
+    with no_init_weights(), partitioning:
+        yield
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = 0) -> Iterator[list[nn.Parameter]]:
+    """The full values of `params` (partitioned or not) for the duration of the context.
+
+    With `modifier_rank` r, what rank r writes into them is what every rank keeps afterwards (DeepSpeed
+    broadcasts it and partitions again); with None, writes are discarded.
+    """
+    params = list(params)
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        yield params
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield params
+
+
+@contextlib.contextmanager
+def host_float32(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Gather `params` and let code write them as float32 host tensors; the values then go back into them.
+
+    Initial values are computed here, on the host in float32, whatever the device and dtype of the training
+    model: the same random draws as an ordinary build on the host, which the device's generator would not give.
+    """
+    params = list(dict.fromkeys(params))  # a parameter shared by two names is written once
+    with gathered(params) as full:
+        stored = [p.data for p in full]
+        try:
+            for p, data in zip(full, stored):
+                p.data = data.detach().to("cpu", torch.float32, copy=True)
+            yield
+            for p, data in zip(full, stored):
+                data.copy_(p.data)
+        finally:
+            for p, data in zip(full, stored):
+                p.data = data
+
+
+def own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=False))
+
+
+def replay_constructors(root: nn.Module, on_built: Callable[[nn.Module], None] | None = None) -> None:
+    """What the constructors of `root`'s modules drew in an ordinary build, in the order they drew it.
+
+    A module's constructor builds its children first (in the order it registers them, which is how the supported
+    families build theirs), then ends: a torch layer with `reset_parameters` (nn.Linear, nn.Embedding) draws its
+    initial values there, and `on_built(module)` stands for whatever else a constructor's end does.
+    """
+    for child in root.children():
+        replay_constructors(child, on_built)
+    reset = getattr(root, "reset_parameters", None)
+    params = own_parameters(root)
+    if callable(reset) and params:
+        with host_float32(params):
+            reset()
+    if on_built is not None:
+        on_built(root)
+
+
+def hf_init_order(model: nn.Module) -> Iterator[tuple[nn.Module, Callable]]:
+    """(module, init function) in the order of transformers' `initialize_weights`: its `smart_apply` visits
+    children before their parent, and each PreTrainedModel inits its subtree with its own `_initialize_weights`."""
+    from transformers import PreTrainedModel
+
+    def visit(module: nn.Module, init: Callable) -> Iterator[tuple[nn.Module, Callable]]:
+        for child in module.children():
+            yield from visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else init)
+        yield module, init
+
+    yield from visit(model, model._initialize_weights)
+
+
+def initialize_like_from_config(model) -> None:
+    """Initialise a Hugging Face model built in `construction()` exactly as `from_config` would have, then tie it.
+
+    In an ordinary build every PreTrainedModel's constructor ends with `post_init()`, which initialises its subtree
+    (transformers' `initialize_weights`, skipping modules already initialised, which it flags): the base model is
+    initialised before the LM head is even constructed. That interleaving is replayed here. The caller seeds the
+    CPU generator first, as before an ordinary build; every rank draws the same numbers and rank 0's are kept.
+    """
+    from transformers import PreTrainedModel
+    from transformers import initialization as hf_init
+
+    custom_code = model.is_custom_code()
+
+    def post_init(module: nn.Module) -> None:
+        if not isinstance(module, PreTrainedModel):
+            return
+        with torch.no_grad(), hf_init.guard_torch_init_functions():
+            for target, init in hf_init_order(module):
+                if not getattr(target, "_is_hf_initialized", False):
+                    with host_float32(own_parameters(target)):
+                        init(target, custom_code)
+
+    replay_constructors(model, post_init)
+    model.tie_weights()
+
+
+def initialize_module(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
+    """Initialise a plain module built in `construction()`: its constructors' draws, then `init(module)` with
+    all of its parameters gathered (for small modules, such as the NITP head)."""
+    replay_constructors(module)
+    with torch.no_grad(), host_float32(module.parameters()):
+        init(module)
