@@ -1,7 +1,9 @@
 """What a run trains: the model (the Hugging Face LM inside NITPModel), its optimizer and lr schedule, and the
 NITPEngine that holds them — `build_engine_for(cfg, run)`.
 
-The model is built identically on every rank (same seed); ZeRO-3 partitions it when the engine is built.
+Under ZeRO-3 the model is partitioned as it is built (nitp_ds/models/partitioned.py): no rank holds the whole
+model, and its initial weights are those of an ordinary build with the run's seed, whatever the world size;
+`model.pretrained` is streamed into the partitions (nitp_ds/models/pretrained.py).
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def build_lm(cfg: Config, vocab_size: int) -> torch.nn.Module:
-    """The Hugging Face model to train, built from the recipe or loaded from model.pretrained."""
-    from nitp_ds.models import build_model
+def build_lm(cfg: Config, vocab_size: int, ds_config: dict | None = None, log=print) -> torch.nn.Module:
+    """The Hugging Face model to train, built from the recipe or loaded from model.pretrained; partitioned as it
+    is built when `ds_config` is ZeRO-3."""
+    from nitp_ds.models.partitioned import build_partitioned_model
 
-    lm = build_model(cfg.model, vocab_size)
+    lm = build_partitioned_model(cfg.model, vocab_size, ds_config, log=log)
     # from_pretrained returns a model in eval mode, where Hugging Face layers skip activation checkpointing
     # (and dropout) until the first evaluation switches them back: train from the first step.
     lm.train()
@@ -60,18 +63,25 @@ def build_lm(cfg: Config, vocab_size: int) -> torch.nn.Module:
 def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
     """The LM wrapped with the NITP head and loss parts; decoder layers compiled and made ZeRO-3 fetch units as
     the recipe asks."""
-    from nitp_ds.nitp import NITPModel
+    from functools import partial
 
-    lm = build_lm(cfg, run.vocab_size)
+    from nitp_ds.distributed import world
+    from nitp_ds.models.partitioned import construction, initialize_module
+    from nitp_ds.nitp import NITPModel, init_head
+
+    lm = build_lm(cfg, run.vocab_size, run.ds_config, log=print if world()[0] == 0 else lambda text: None)
     aux_group = None
     if cfg.moe.aux_loss_scope == "global" and run.world_size > 1:
         import torch.distributed as dist
 
         aux_group = lambda: dist.group.WORLD  # noqa: E731
-    model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=run.target_layer,
-                      ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group,
-                      compile_loss=cfg.train.compile_loss, loss=cfg.nitp.loss, stop_grad=cfg.nitp.stop_grad,
-                      offset=cfg.nitp.offset)
+    with construction(run.ds_config):  # the head is partitioned as it is built, like the LM
+        model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=run.target_layer,
+                          ce_chunk_tokens=cfg.train.ce_chunk_tokens, aux_group_fn=aux_group,
+                          compile_loss=cfg.train.compile_loss, loss=cfg.nitp.loss, stop_grad=cfg.nitp.stop_grad,
+                          offset=cfg.nitp.offset)
+    if model.nitp_head is not None:  # its draws follow the LM's, as in an ordinary build
+        initialize_module(model.nitp_head, partial(init_head, init_std=lm.config.initializer_range))
     compile_layers = cfg.train.compile_layers if cfg.train.compile_layers is not None else torch.cuda.is_available()
     if compile_layers:
         from nitp_ds.models import compile_decoder_layers
@@ -89,8 +99,10 @@ def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms and biases)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    from nitp_ds.models.partitioned import full_ndim
+
+    decay = [p for p in model.parameters() if full_ndim(p) >= 2]  # a partitioned parameter is flat: its full shape
+    no_decay = [p for p in model.parameters() if full_ndim(p) < 2]
     fused = cfg.optim.fused if cfg.optim.fused is not None else torch.cuda.is_available()
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -76,7 +76,10 @@ def resolve_run(cfg: Config, ds_raw: dict[str, Any], world_size: int, data=None)
         hf_config = load_pretrained_config(cfg.model.pretrained)
         vocab_size = hf_config.vocab_size
         if data is not None:
+            from nitp_ds.models.pretrained import check_pretrained_weights
+
             check_pretrained_fits(hf_config, cfg, data)
+            check_pretrained_weights(cfg.model.pretrained, hf_config)  # shards, names, shapes: before any write
     else:
         if data is not None:
             from nitp_ds.data.dataset import check_vocab

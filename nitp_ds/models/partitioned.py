@@ -50,6 +50,11 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def full_ndim(param: torch.Tensor) -> int:
+    """The dimensions of a parameter as the model sees it: a partitioned one is a flat placeholder (`ndim` 1)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
 @contextlib.contextmanager
 def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = 0) -> Iterator[list[nn.Parameter]]:
     """The full values of `params` (partitioned or not) for the duration of the context.
@@ -156,3 +161,28 @@ def initialize_module(module: nn.Module, init: Callable[[nn.Module], None]) -> N
     replay_constructors(module)
     with torch.no_grad(), host_float32(module.parameters()):
         init(module)
+
+
+def build_partitioned_model(m, vocab_size: int, ds_config: dict[str, Any] | None, log: Callable[[str], None] = print):
+    """`nitp_ds.models.build_model` without ever holding the whole model: built partitioned under ZeRO-3 (whole
+    without it), then initialised as `from_config` would (the caller seeds first) or streamed from
+    `model.pretrained` (`nitp_ds.models.pretrained`)."""
+    from transformers import AutoModelForCausalLM
+
+    from nitp_ds.models import build_hf_config
+    from nitp_ds.models.pretrained import load_pretrained
+
+    config = build_hf_config(m, vocab_size)
+    with construction(ds_config):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=m.attn_implementation)
+    if m.pretrained:
+        model.tie_weights()  # before loading, as from_pretrained does: a tied checkpoint stores the tensor once
+        plan = load_pretrained(model, m.pretrained)
+        if plan.unexpected:
+            log(f"notice: {len(plan.unexpected)} tensor(s) in model.pretrained {m.pretrained} are not part of the model "
+                f"and were skipped, as from_pretrained skips them (e.g. {plan.unexpected[0]})")
+    else:
+        initialize_like_from_config(model)
+    model.config.use_cache = False
+    model.config.output_router_logits = False  # router logits are captured with hooks (nitp_ds.losses)
+    return model

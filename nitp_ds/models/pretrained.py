@@ -24,7 +24,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -238,8 +238,13 @@ def load_pretrained(model, directory: str | Path, plan: LoadPlan | None = None) 
     return plan
 
 
-def shard_files(directory: str | Path) -> Iterator[Path]:
-    """The shard files of a checkpoint directory (for size figures)."""
-    directory = Path(directory)
-    for file in sorted({info.file for info in read_checkpoint_index(directory).values()}):
-        yield directory / file
+def check_pretrained_weights(directory: str | Path, hf_config) -> LoadPlan:
+    """The load plan of `directory` for the model its config describes, built on the meta device (no weights):
+    bad shards, missing tensors and wrong shapes are refused before a run writes anything."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config))
+    return plan_load(model, directory)
