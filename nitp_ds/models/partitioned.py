@@ -8,17 +8,18 @@ nothing (they are empty placeholders).
 
 `initialize_like_from_config` then writes the initial weights one module at a time, each module's
 parameters gathered, computed on the host in float32 from the one global CPU generator, and copied back
-into the partitions: the same draws, in the same order, as an ordinary `from_config` on the host, which
-runs (1) each module's constructor-time init (`reset_parameters` of `nn.Linear`, `nn.Embedding`) in
-construction order, then (2) transformers' `initialize_weights` (children before parents, each
-PreTrainedModel with its own `_init_weights`), then ties the weights. So the weights are bit for bit those
-of an unpartitioned build with the same seed, on any world size and on any device; a rank holds one
-module's full parameters at a time (twice: gathered and its float32 host copy).
+into the partitions: the same draws, in the same order, as an ordinary `from_config` on the host. There,
+each torch layer draws as its constructor ends (`reset_parameters` of nn.Linear, nn.Embedding), and each
+PreTrainedModel's constructor ends with `post_init`, transformers' `initialize_weights` over its subtree
+(the base model is initialised before the LM head is even constructed); the weights are tied last. So the
+weights are bit for bit those of an unpartitioned build with the same seed, on any world size and any
+device. A rank holds one module's full parameters at a time (on a GPU, also their float32 host copy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -44,6 +45,7 @@ def construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
                     if zero3_enabled(ds_config) else contextlib.nullcontext())
     with no_init_weights(), partitioning:
         yield
+    release_freed_memory()
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -83,15 +85,44 @@ def host_float32(params: Iterable[nn.Parameter]) -> Iterator[None]:
     params = list(dict.fromkeys(params))  # a parameter shared by two names is written once
     with gathered(params) as full:
         stored = [p.data for p in full]
+        # a float32 host parameter is written in place; any other gets a float32 host copy for the duration
+        copied = [data.device.type != "cpu" or data.dtype != torch.float32 for data in stored]
         try:
-            for p, data in zip(full, stored):
-                p.data = data.detach().to("cpu", torch.float32, copy=True)
+            for p, data, copy in zip(full, stored, copied):
+                if copy:
+                    p.data = data.detach().to("cpu", torch.float32, copy=True)
             yield
-            for p, data in zip(full, stored):
-                data.copy_(p.data)
+            for p, data, copy in zip(full, stored, copied):
+                if copy:
+                    data.copy_(p.data)
         finally:
             for p, data in zip(full, stored):
                 p.data = data
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Give the host memory that freed tensors leave behind back to the system (glibc's `malloc_trim`).
+
+    Tensors below glibc's mmap threshold (which rises to 32 MB as large tensors are freed) come from the heap,
+    and a freed one stays resident until something reuses its pages: gathering and releasing one module after
+    another leaves such holes between the partitions that stay, and the resident set grows with the model
+    (+85 MB on a 62 MB model at 2 ranks, measured). No-op where the C library is not glibc.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def own_parameters(module: nn.Module) -> list[nn.Parameter]:

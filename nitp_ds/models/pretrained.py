@@ -212,7 +212,7 @@ def load_pretrained(model, directory: str | Path, plan: LoadPlan | None = None) 
     """
     import torch.distributed as dist
 
-    from nitp_ds.models.partitioned import gathered, is_partitioned
+    from nitp_ds.models.partitioned import gathered, is_partitioned, release_freed_memory
 
     plan = plan or plan_load(model, directory)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -233,6 +233,7 @@ def load_pretrained(model, directory: str | Path, plan: LoadPlan | None = None) 
                 else:
                     model.get_buffer(load.target).copy_(value())
                 reader.done(step)
+                release_freed_memory()
     finally:
         reader.close()
     return plan
