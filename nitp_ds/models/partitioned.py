@@ -41,11 +41,26 @@ def construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
     import deepspeed
     from transformers.initialization import no_init_weights
 
-    partitioning = (deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
+    partitioning = (_trimming_zero_init()(config_dict_or_path=ds_config, mem_efficient_linear=False)
                     if zero3_enabled(ds_config) else contextlib.nullcontext())
     with no_init_weights(), partitioning:
         yield
     release_freed_memory()
+
+
+@functools.cache
+def _trimming_zero_init():
+    import deepspeed
+
+    class TrimmingInit(deepspeed.zero.Init):
+        """zero.Init that hands the freed whole tensors of each module back to the system as soon as the module is
+        partitioned (see `release_freed_memory`): the build's peak is then one module, not one module plus holes."""
+
+        def _post_init_method(self, module):
+            super()._post_init_method(module)
+            release_freed_memory()
+
+    return TrimmingInit
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
