@@ -148,7 +148,8 @@ CONSTANT_MB = 64
 
 
 def build_figures(nproc: int) -> dict:
-    out = launch("build_memory.py", "partitioned-build", str(runs.DS_CONFIG), "4096", *MEMORY_SHAPE, nproc=nproc)
+    out = launch("build_memory.py", "partitioned-build", str(runs.DS_CONFIG), "model.vocab_size=4096", *MEMORY_SHAPE,
+                 nproc=nproc)
     return json.loads(out.split("FIGURES ", 1)[1].splitlines()[0])
 
 
@@ -177,18 +178,21 @@ def unpartitioned_first_step(data, nproc: int) -> dict[str, float]:
     first micro-batch of each of nproc ranks, averaged as the trainer logs them."""
     import torch
 
+    from nitp_ds.build import seed_everything
     from nitp_ds.config import load_config
     from nitp_ds.data.dataset import TokenLoader, open_data
     from nitp_ds.models import build_model
     from nitp_ds.nitp import NITPModel
-    from nitp_ds.trainer import seed_everything
+    from nitp_ds.resolve import resolve_target_layer
 
     overrides = [f"{k}={v}" for k, v in {**runs.TINY, "data.path": data}.items()]
     cfg = load_config(runs.REPO / "recipes" / "debug.yaml", overrides)
     opened = open_data(data)
     seed_everything(cfg.train.seed)
-    model = NITPModel(build_model(cfg.model, opened.vocab_size), head=cfg.nitp.head, head_mult=cfg.nitp.head_mult,
-                      target_layer=cfg.target_layer, ce_chunk_tokens=cfg.train.ce_chunk_tokens)
+    lm = build_model(cfg.model, opened.vocab_size)
+    model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult,
+                      target_layer=resolve_target_layer(cfg, lm.config.num_hidden_layers),
+                      ce_chunk_tokens=cfg.train.ce_chunk_tokens)
     totals = {"loss/ntp": 0.0, "loss/nitp": 0.0, "loss/aux": 0.0}
     with torch.no_grad():
         for rank in range(nproc):

@@ -1,7 +1,7 @@
 """Host memory of one rank while the training model is built and handed to DeepSpeed, without data or steps.
 
-argv: MODE DS_CONFIG VOCAB KEY=VALUE... (recipe overrides on the debug recipe). MODE is `partitioned` (the
-trainer's build) or `whole` (every rank builds the whole model first, as nitp-ds did before it built under
+argv: MODE DS_CONFIG KEY=VALUE... (recipe overrides on the debug recipe, model.vocab_size among them). MODE is
+`partitioned` (the trainer's build, nitp_ds.build) or `whole` (every rank builds the whole model first, as nitp-ds did before it built under
 zero.Init), with `-build` appended to stop before the engine. Rank 0 prints one JSON line: resident set sizes in MB (from /proc/self/status) before the build,
 the peak during the build and at its end, the peak while `deepspeed.initialize` builds the engine (AutoEP's
 repacking included) and after it, the model's parameter count and fp32 size.
@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
+from nitp_ds.build import build_nitp_model, build_optimizer, build_schedule, seed_everything
 from nitp_ds.config import load_config
-from nitp_ds.ds_config import derive_ds_config, load_ds_config
+from nitp_ds.distributed import ensure_dist_env, start_process_group
+from nitp_ds.ds_config import load_ds_config
 from nitp_ds.engine import build_engine
-from nitp_ds.models import build_hf_config, build_model, num_experts
-from nitp_ds.nitp import NITPModel, init_head
-from nitp_ds.trainer import build_lm, ensure_dist_env, lr_factor, seed_everything, start_process_group
+from nitp_ds.models import build_model
+from nitp_ds.nitp import NITPModel
+from nitp_ds.resolve import resolve_run
 
 MB = 2**20
 
@@ -34,7 +36,7 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the next peak is this phase's
 
 
-mode, ds_path, vocab, *overrides = sys.argv[1:]
+mode, ds_path, *overrides = sys.argv[1:]
 build_only = mode.endswith("-build")  # no engine: the build alone
 mode = mode.removesuffix("-build")
 ensure_dist_env()
@@ -42,10 +44,9 @@ start_process_group()
 import torch.distributed as dist  # noqa: E402
 
 cfg = load_config(str(Path(__file__).resolve().parents[2] / "recipes" / "debug.yaml"), overrides)
-vocab = int(vocab)
-hf = build_hf_config(cfg.model, vocab)
 world = dist.get_world_size()
-ds = derive_ds_config(load_ds_config(ds_path), cfg, world_size=world, num_experts=num_experts(hf), model_type=hf.model_type)
+run = resolve_run(cfg, load_ds_config(ds_path), world)
+ds, vocab = run.ds_config, run.vocab_size
 figures = {"mode": mode, "world_size": world, "autoep": bool(ds.get("expert_parallel", {}).get("enabled", False))}
 with torch.device("meta"):  # the modeling code imported before the baseline: it is not the model's memory
     NITPModel(build_model(cfg.model, vocab), head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=1)
@@ -54,15 +55,7 @@ figures["before_mb"] = status("VmRSS")
 figures["before_anon_mb"], figures["before_shmem_mb"] = status("RssAnon"), status("RssShmem")
 seed_everything(cfg.train.seed)
 if mode == "partitioned":
-    from functools import partial
-
-    from nitp_ds.models.partitioned import construction, initialize_module
-
-    lm = build_lm(cfg, vocab, ds)
-    with construction(ds):
-        model = NITPModel(lm, head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=1)
-    if model.nitp_head is not None:
-        initialize_module(model.nitp_head, partial(init_head, init_std=hf.initializer_range))
+    model = build_nitp_model(cfg, run)
 else:
     model = NITPModel(build_model(cfg.model, vocab), head=cfg.nitp.head, head_mult=cfg.nitp.head_mult, target_layer=1)
 figures["params"] = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in model.parameters())
@@ -86,9 +79,9 @@ if not build_only and figures["autoep"]:
     AutoEP.replace_moe_layers = measured_replace
 if not build_only:
     reset_peak()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    engine = build_engine(model, ds, optimizer, scheduler, nitp_weight=1.0, aux_weight=0.0, z_weight=0.0)
+    optimizer = build_optimizer(cfg, model)
+    engine = build_engine(model, ds, optimizer, build_schedule(cfg, optimizer), nitp_weight=1.0, aux_weight=0.0,
+                          z_weight=0.0)
     figures["initialize_peak_mb"], figures["initialize_end_mb"] = status("VmHWM"), status("VmRSS")
     if "autoep_repack_peak_mb" in figures:  # the repack reset the peak: the larger of before and after it counts
         figures["initialize_peak_mb"] = max(figures["initialize_peak_mb"], figures["autoep_repack_peak_mb"])

@@ -18,7 +18,8 @@ from nitp_ds.config import ModelConfig
 from nitp_ds.models import FAMILIES, build_model, load_pretrained_config, num_experts
 from nitp_ds.models.partitioned import build_partitioned_model, construction, gathered, initialize_module
 from nitp_ds.nitp import NITPModel, init_head
-from nitp_ds.trainer import ensure_dist_env, seed_everything, start_process_group
+from nitp_ds.build import seed_everything
+from nitp_ds.distributed import ensure_dist_env, start_process_group
 
 SHAPE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2,
              moe_intermediate_size=16, intermediate_size=48, max_seq_len=64)
