@@ -1,6 +1,6 @@
 """Training options of `nitp train`, each proven against an independent computation on CPU.
 
-- `model.pretrained`: the first step's loss is the Hugging Face model's own loss on that batch.
+- `model.pretrained`: the first step's loss is the Hugging Face model's own loss on that batch, at 1 and 2 ranks.
 - `moe.aux_loss_scope=global` on 2 ranks reproduces, step for step, one rank holding the whole batch
   (whose micro-batch balancing loss is the global-batch one).
 - `train.fast_zero_step` (the streamlined ZeRO-3 optimizer step) gives DeepSpeed's own step's losses,
@@ -242,31 +242,39 @@ def save_tiny_model(directory, vocab_size: int, hidden_size: int = 48, seed: int
     return directory
 
 
-def hf_loss(model_dir, data, micro_batch_size: int) -> float:
-    """The Hugging Face model's own next-token loss on the first training batch of rank 0 of 1."""
+def hf_loss(model_dir, data, micro_batch_size: int, nproc: int = 1) -> float:
+    """The Hugging Face model's own next-token loss on the first training batch of each of nproc ranks, averaged
+    over the ranks as the trainer logs it."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from nitp_ds.data.dataset import TokenLoader, open_data
 
-    batch = TokenLoader(open_data(data), "train", runs.TINY["data.seq_len"], micro_batch_size, seed=SEED).batch(0)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-    with torch.no_grad():
-        logits = lm(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1)).item()
+    losses = []
+    for rank in range(nproc):
+        batch = TokenLoader(open_data(data), "train", runs.TINY["data.seq_len"], micro_batch_size, dp_rank=rank,
+                            dp_world_size=nproc, seed=SEED).batch(0)
+        with torch.no_grad():
+            logits = lm(input_ids=batch["input_ids"]).logits
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1)).item())
+    return sum(losses) / nproc
 
 
-def test_training_starts_from_the_pretrained_weights_offline(data, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_training_starts_from_the_pretrained_weights_offline(data, tmp_path, nproc):
+    # At 2 ranks the checkpoint is streamed into ZeRO-3 partitions (nitp_ds/models/pretrained.py), its
+    # per-expert tensors (as save_pretrained writes them) fused into the model's experts on the way.
     import json
 
     model_dir = save_tiny_model(tmp_path / "hf", vocab_size=400)
     run_dir = tmp_path / "run"
-    result = runs.train(data, run_dir, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    result = runs.train(data, run_dir, nproc=nproc, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
                         **{"model.pretrained": model_dir, "train.steps": 2, "checkpoint.every": 0})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     first = runs.records(run_dir)[0]
-    expected = hf_loss(model_dir, data, runs.TINY["train.micro_batch_size"])
+    expected = hf_loss(model_dir, data, runs.TINY["train.micro_batch_size"], nproc)
     assert abs(expected - 5.99) > 0.1  # far from a fresh model's ln(400): the weights are recognisable
     assert first["loss/ntp"] == pytest.approx(expected, rel=1e-5)
     meta = json.loads((run_dir / "checkpoints" / "global_step2" / "nitp_meta.json").read_text())
