@@ -38,7 +38,6 @@ def construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
     linear (a global replacement of `F.linear` that outlives the context) is left off: the engine does not
     need it, and it would change how every later linear layer computes.
     """
-    import deepspeed
     from transformers.initialization import no_init_weights
 
     partitioning = (_trimming_zero_init()(config_dict_or_path=ds_config, mem_efficient_linear=False)
@@ -225,8 +224,8 @@ def build_partitioned_model(m, vocab_size: int, ds_config: dict[str, Any] | None
         model.tie_weights()  # before loading, as from_pretrained does: a tied checkpoint stores the tensor once
         plan = load_pretrained(model, m.pretrained)
         if plan.unexpected:
-            log(f"notice: {len(plan.unexpected)} tensor(s) in model.pretrained {m.pretrained} are not part of the model "
-                f"and were skipped, as from_pretrained skips them (e.g. {plan.unexpected[0]})")
+            log(f"notice: {len(plan.unexpected)} tensor(s) in model.pretrained {m.pretrained} are not part of the "
+                f"model and were skipped, as from_pretrained skips them (e.g. {plan.unexpected[0]})")
     else:
         initialize_like_from_config(model)
     model.config.use_cache = False

@@ -1,10 +1,11 @@
 """Host memory of one rank while the training model is built and handed to DeepSpeed, without data or steps.
 
-argv: MODE DS_CONFIG KEY=VALUE... (recipe overrides on the debug recipe, model.vocab_size among them). MODE is
-`partitioned` (the trainer's build, nitp_ds.build) or `whole` (every rank builds the whole model first, as nitp-ds did before it built under
-zero.Init), with `-build` appended to stop before the engine. Rank 0 prints one JSON line: resident set sizes in MB (from /proc/self/status) before the build,
-the peak during the build and at its end, the peak while `deepspeed.initialize` builds the engine (AutoEP's
-repacking included) and after it, the model's parameter count and fp32 size.
+argv: MODE DS_CONFIG KEY=VALUE... (recipe overrides on the debug recipe, model.vocab_size among them).
+MODE is `partitioned` (the trainer's build, nitp_ds.build) or `whole` (every rank builds the whole model
+first, as nitp-ds did before it built under zero.Init), with `-build` appended to stop before the engine.
+Rank 0 prints one JSON line: resident set sizes in MB (from /proc/self/status) before the build, the peak
+during the build and at its end, during AutoEP's repacking, the peak while `deepspeed.initialize` builds the
+engine and after it; the model's parameter count and fp32 size; and every rank's figures.
 """
 
 import json
