@@ -137,10 +137,10 @@ def test_pretrained_layouts_are_what_they_claim(pretrained_dirs):
 
 # -- memory ------------------------------------------------------------------------------------------------
 
-# Parameters dominate the fixed costs: 110M parameters (420 MB in fp32); the largest module, one layer's
+# Parameters dominate the fixed costs: 215M parameters (820 MB in fp32); the largest module, one layer's
 # experts, 12.6M (48 MB). While one module is gathered, DeepSpeed's all-gather on CPU (gloo) holds up to two
 # copies of it.
-MEMORY_SHAPE = ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=2",
+MEMORY_SHAPE = ["model.hidden_size=512", "model.num_layers=16", "model.num_heads=8", "model.num_kv_heads=2",
                 "model.num_experts=16", "model.moe_intermediate_size=512", "model.intermediate_size=1024",
                 "nitp.head=none"]
 EXPERTS_MB = 16 * 3 * 512 * 512 * 4 / 2**20
@@ -155,6 +155,7 @@ def build_figures(nproc: int) -> dict:
 
 def test_each_rank_holds_its_share_of_the_model_at_the_end_of_the_build():
     one, two = build_figures(1), build_figures(2)
+    print(json.dumps({"1 rank": one["ranks"], "2 ranks": two["ranks"]}))  # the figures, with pytest -s
     weights = one["fp32_weights_mb"]
     alone = one["build_end_mb"] - one["before_mb"]
     assert alone >= weights  # one process holds every weight
