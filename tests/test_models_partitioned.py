@@ -26,13 +26,20 @@ NO_AUTOEP = runs.REPO / "ds_configs" / "zero3_moe_1gpu.json"  # ZeRO-3 with the 
 
 
 def launch(script: str, *args: str, nproc: int, timeout: float = 400) -> str:
-    """stdout of a tests/scripts/ script run on nproc CPU ranks through the deepspeed launcher."""
-    command = ["deepspeed", "--num_gpus", str(nproc), "--no_local_rank", str(runs.REPO / "tests" / "scripts" / script),
-               *args]
+    """stdout of a tests/scripts/ script run on nproc CPU ranks through the deepspeed launcher (on a free port,
+    its shared-memory buffers removed afterwards, as `nitp train` does)."""
+    from nitp_ds.distributed import free_port, remove_shm_buffers
+
+    path = str(runs.REPO / "tests" / "scripts" / script)
+    port = free_port()
+    command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), "--no_local_rank", path, *args]
     if nproc == 1:
-        command = [sys.executable, str(runs.REPO / "tests" / "scripts" / script), *args]
-    result = subprocess.run(command, env=runs.child_env(), cwd=runs.REPO, capture_output=True, text=True,
-                            timeout=timeout)
+        command = [sys.executable, path, *args]
+    try:
+        result = subprocess.run(command, env=runs.child_env(), cwd=runs.REPO, capture_output=True, text=True,
+                                timeout=timeout)
+    finally:
+        remove_shm_buffers(port)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
