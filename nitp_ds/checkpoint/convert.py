@@ -24,13 +24,13 @@ import resource
 import shutil
 import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from nitp_ds.checkpoint.integrity import FILES_KEY, check_file, recorded_files
 from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
 from nitp_ds.errors import NITPError
 from nitp_ds.files import replace_dir
@@ -71,8 +71,9 @@ def check_checkpoint_files(ckpt: Path) -> int:
     if not model_ranks:
         raise NITPError(f"{ckpt} is not a DeepSpeed checkpoint (no zero_pp_rank_*_model_states.pt); "
                         "pass a checkpoints/global_stepN directory")
+    records = recorded_files(ckpt)  # sizes and CRC-32s taken at save; none: torch.save's own zip CRCs
     for path in sorted([*model_ranks.values(), *optim_ranks.values()]):
-        _check_zip(path)
+        check_file(path, records.get(path.name))
     saved_world = _load_small(model_ranks[min(model_ranks)]).get("dp_world_size")
     ranks = sorted(model_ranks)
     if saved_world is not None and (len(ranks) > saved_world or max(ranks) >= saved_world):
@@ -85,19 +86,6 @@ def check_checkpoint_files(ckpt: Path) -> int:
             raise NITPError(f"{ckpt} is missing the {kind} states of rank(s) {missing} "
                             f"(zero_pp_rank_{missing[0]}_mp_rank_00_{kind}_states.pt); copy the complete checkpoint")
     return world
-
-
-def _check_zip(path: Path) -> None:
-    # torch.save writes a zip archive with CRCs; a truncated or corrupted file fails here cheaply (streamed).
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise NITPError(f"checkpoint file {path} is truncated or corrupt ({exc}); copy it again or use "
-                        "an earlier checkpoint") from None
-    if bad is not None:
-        raise NITPError(f"checkpoint file {path} is corrupt (bad CRC in {bad}); copy it again or use an "
-                        "earlier checkpoint")
 
 
 def _load_small(path: Path) -> dict[str, Any]:
@@ -361,6 +349,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, to: str = "safetenso
     ckpt = resolve_checkpoint(src, require_meta=False)
     check_checkpoint_files(ckpt)
     meta = read_meta(ckpt)
+    meta.pop(FILES_KEY, None)  # the records describe the source's files, not what is written here
     final, tmp = prepare_output(out, force)
     try:
         if to == "universal":
