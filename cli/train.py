@@ -85,7 +85,7 @@ def train_command(
         slots = None if hostfile and nproc is None else procs  # a hostfile without --nproc: its slots decide
         raise typer.Exit(launch(_forwarded_argv(), slots,
                                 num_nodes=num_nodes, hostfile=hostfile, node_rank=node_rank,
-                                master_addr=master_addr, master_port=master_port))
+                                master_addr=master_addr, master_port=master_port, run_dir=cfg.train.out_dir))
 
     from nitp_ds.trainer import train
 
@@ -94,6 +94,8 @@ def train_command(
     except NITPError as exc:
         if getattr(exc, "raised_on_every_rank", False) and int(os.environ.get("RANK", "0")) != 0:
             raise typer.Exit(exc.exit_code)  # global rank 0 shows it: once for the whole job
+        if getattr(exc, "quiet", False):
+            raise typer.Exit(exc.exit_code)  # `nitp train`, watching this node's ranks, says it
         raise
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
@@ -150,4 +152,9 @@ def _print_summary(summary: dict) -> None:
         if summary.get(key) is not None:
             value = summary[key]
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    if summary.get("phases"):
+        from nitp_ds.phases import describe
+
+        for label, value in describe(summary["phases"]):
+            table.add_row(f"time: {label}", value)
     Console().print(table)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nitp_ds.console import third_party_prints_hidden
 from nitp_ds.errors import NITPError
@@ -114,14 +114,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_min(value: int, device) -> int:
-    import torch
+def all_gather(value: Any, world_size: int) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order; [value] in a 1-process job."""
     import torch.distributed as dist
 
-    flag = torch.tensor([value], device=device, dtype=torch.float32)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return int(flag.item())
+    if not dist.is_initialized() or world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -161,6 +162,33 @@ def check_shared_run_dir(run_dir: Path, world_size: int, is_main: bool) -> None:
         raise on_every_rank(NITPError(
             f"train.out_dir {run_dir} is not shared: some rank cannot see what rank 0 writes there "
             "(a node-local disk?); put it on a filesystem that every node mounts at the same path"))
+
+
+# -- a rank that is gone ------------------------------------------------------------------------------------
+
+# What a collective raises when a peer's process is gone (its sockets closed by the kernel): gloo's transport
+# errors ("Read error [127.0.0.1]:12513: Connection reset by peer"), NCCL's remote-exit report.
+LOST_PEER_SIGNS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                   "remote process exited")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another rank stopped (killed, crashed, its node lost)."""
+    return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in LOST_PEER_SIGNS)
+
+
+def lost_peer_error(exc: RuntimeError, resume_hint: str) -> NITPError:
+    """The one line a surviving rank ends with, exit code LOST_PEER_EXIT. Under `nitp train`, which watches
+    this node's ranks and names the one that stopped (`rank_watch.py`), the line is left to it (`quiet`)."""
+    from nitp_ds.rank_watch import LOST_PEER_EXIT, watched
+
+    rank, world_size, _ = world()
+    reason = str(exc).split("] ", 1)[-1].split(". This is typically", 1)[0].splitlines()[0]
+    error = NITPError(f"rank {rank} of {world_size} lost contact with another rank, which stopped or whose node "
+                      f"failed ({reason}); {resume_hint}")
+    error.exit_code = LOST_PEER_EXIT
+    error.quiet = watched()
+    return error
 
 
 # -- teardown -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -78,10 +79,11 @@ def check_multinode(nodes: int, hostfile: str | None, node_rank: int | None, mas
 
 def launch(argv: list[str], nproc: int | None, *, num_nodes: int = 1, hostfile: str | None = None,
            node_rank: int | None = None, master_addr: str | None = None, master_port: int | None = None,
-           echo=say) -> int:
+           run_dir: str | Path | None = None, echo=say) -> int:
     """Run `nitp train argv` on every rank of this node's share of the job; the launcher's exit code.
 
     nproc None: the hostfile's slots decide. node_rank: this node's rank, one launcher per node (no ssh).
+    run_dir: the run's train.out_dir, to name its newest checkpoint if a rank stops.
     """
     nodes = node_count(num_nodes, hostfile)
     check_multinode(nodes, hostfile, node_rank, master_addr)
@@ -93,24 +95,50 @@ def launch(argv: list[str], nproc: int | None, *, num_nodes: int = 1, hostfile: 
             echo(f"hostfile {hostfile}: " + ", ".join(Path(hostfile).read_text().splitlines()))
         cmd = launcher_command(argv, nproc, num_nodes, hostfile, port, master_addr=master_addr, node_rank=node_rank,
                                quiet=not debug_enabled())
-        return run_launcher(cmd, remote_ranks=nodes > 1 and node_rank is None, echo=echo)
+        return run_launcher(cmd, remote_ranks=nodes > 1 and node_rank is None, local_ranks=nproc, run_dir=run_dir,
+                            echo=echo)
 
 
-def run_launcher(cmd: list[str], *, remote_ranks: bool, echo=say) -> int:
-    """Run the deepspeed launcher to its end, printing its command first; its exit code."""
+def run_launcher(cmd: list[str], *, remote_ranks: bool, local_ranks: int | None = None,
+                 run_dir: str | Path | None = None, echo=say) -> int:
+    """Run the deepspeed launcher to its end, printing its command first; its exit code.
+
+    While it runs, this node's ranks are watched (`RankWatch`; not with pdsh, whose ranks are remote): when the
+    job ends because one of them stopped, one line names it, how it stopped, and what to resume from.
+    """
+    from nitp_ds.phases import START_ENV, process_start
+    from nitp_ds.rank_watch import POLL_S, RankWatch, lost_rank_message, watching_env
+
     env = dict(os.environ)
     if "DS_ACCELERATOR" not in env:
         import torch
 
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
+    env[START_ENV] = str(process_start())  # the ranks' start-up phase counts from this process's start
+    if not remote_ranks:
+        env.update(watching_env())  # a rank that loses its peers leaves the one line to this process
     echo("launching: " + shlex.join(cmd))
     # A session of its own: a terminal's Ctrl-C reaches only this process, which forwards it to the ranks.
     launcher = subprocess.Popen(cmd, env=env, start_new_session=True)
     forward_stop_signals(launcher, remote_ranks=remote_ranks)
-    returncode = launcher.wait()
+    watch = None if remote_ranks else RankWatch(launcher.pid, local_ranks)
+    while True:
+        try:
+            returncode = launcher.wait(timeout=POLL_S if watch else None)
+            break
+        except subprocess.TimeoutExpired:
+            watch.poll()
     if "--master_port" in cmd:  # ranks killed hard (kill -9, OOM) leave their CPU shared-memory buffers behind
         remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+    if watch is not None and returncode != 0:
+        watch.poll()
+        from nitp_ds.checkpoint.state import resume_hint
+
+        hint = resume_hint(Path(run_dir) / "checkpoints") if run_dir else "resume with the same command"
+        message = lost_rank_message(watch, hint)
+        if message:
+            print(f"error: {message}", file=sys.stderr, flush=True)
     return returncode if returncode >= 0 else 1
 
 

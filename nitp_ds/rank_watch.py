@@ -50,7 +50,7 @@ class Stopped:
                 name = signal.Signals(number).name
             except ValueError:
                 name = "unknown"
-            return f"killed by signal {number}, {name}" + (" (kill -9 or the out-of-memory killer)"
+            return f"killed by signal {number}: {name}" + (", kill -9 or the out-of-memory killer"
                                                            if number == signal.SIGKILL else "")
         return f"exit code {self.status >> 8}"
 
@@ -124,10 +124,9 @@ def lost_rank_message(watch: RankWatch, resume_hint: str) -> str | None:
     world = f" of {watch.world_size}" if watch.world_size else ""
     cause = watch.cause()
     if cause is not None:
-        return f"rank {cause.rank}{world} stopped ({cause.cause()}); the other ranks were stopped. {resume_hint}"
+        return f"rank {cause.rank}{world} stopped ({cause.cause()}) and the other ranks were stopped; {resume_hint}"
     if watch.only_lost_peers():
-        return (f"this node's ranks lost contact with a rank on another node (see that node's output). "
-                f"{resume_hint}")
+        return f"this node's ranks lost contact with a rank on another node (see that node's output); {resume_hint}"
     return None
 
 

@@ -27,12 +27,14 @@ from nitp_ds.checkpoint import state as ckpt
 from nitp_ds.checkpoint.manager import CheckpointManager
 from nitp_ds.config import Config, dump_yaml, from_dict, read_yaml, to_dict, validate
 from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum, barrier, check_shared_run_dir, ensure_dist_env,
-                                 leave_process_group, on_every_rank, start_process_group, world)
+                                 leave_process_group, lost_peer, lost_peer_error, on_every_rank, start_process_group,
+                                 world)
 from nitp_ds.ds_config import load_ds_config
 from nitp_ds.errors import NITPError
 from nitp_ds.evaluate import summary_line, validation_loss, validation_windows
 from nitp_ds.logs import MetricsLogger, format_train_line
 from nitp_ds.metrics import mfu
+from nitp_ds.phases import Phases
 from nitp_ds.resolve import resolve_run
 
 RESOLVED = "resolved_config.yaml"
@@ -84,10 +86,11 @@ class Trainer:
         self.rank, self.world_size, self.local_rank = world()
         self.is_main = self.rank == 0
         self.state = RunState()
+        self.phases = Phases()
         self.force = force
         ds_raw = load_ds_config(ds_config_path)
         # A --resume path is checked now, before the run directory is written; --force starts afresh.
-        self.resume_from = None if force else ckpt.explicit_resume(cfg.checkpoint.resume)
+        self.resume_from = None if force else ckpt.explicit_resume(cfg.checkpoint.resume, self.rank, self.world_size)
 
         from nitp_ds.data.dataset import TokenLoader, open_data
 
@@ -135,6 +138,7 @@ class Trainer:
                 result = self.step_or_skip()
                 if result.parts is None:
                     continue  # a stop request is still pending on its rank: the next step's all-reduce carries it
+                self.phases.step_done()
                 step = self.state.step
                 paused_gc.step(step)
                 self.maybe_log(step, result.parts)
@@ -162,7 +166,8 @@ class Trainer:
     def write_summary(self, status: str, final_eval: dict[str, float]) -> dict[str, Any]:
         summary = {"status": status, "step": self.state.step, "consumed_tokens": self.state.consumed_tokens,
                    "skipped_steps": self.state.skipped_steps, "first_loss_ntp": self.first_loss, **self.state.last,
-                   **final_eval, "run_dir": str(self.run_dir)}
+                   **final_eval, "run_dir": str(self.run_dir),
+                   "phases": self.phases.summary(self.checkpoints.save_seconds, self.checkpoints.final_save_seconds)}
         if self.is_main:
             ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
@@ -401,6 +406,16 @@ def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> di
         # ("terminate called without an active exception") that would replace exit code 2.
         leave_process_group(barrier=False)
         raise
+    except RuntimeError as exc:
+        if not lost_peer(exc) or os.environ.get("NITP_DEBUG"):
+            raise  # a bug, or --debug: the traceback
+        # Another rank is gone (killed, crashed, its node lost): a collective failed here. One line, no
+        # traceback; its checkpoints were never at risk (a save is complete only once every rank wrote its part).
+        try:
+            leave_process_group(barrier=False)
+        except Exception:  # noqa: BLE001 - the group is broken already; the exit must not be
+            pass
+        raise lost_peer_error(exc, ckpt.resume_hint(Path(cfg.train.out_dir) / "checkpoints")) from None
     # The same abort was seen once after a normal finish (the demo, 1 run in 4): leave the group there too.
     leave_process_group(barrier=True)
     return summary

@@ -65,10 +65,11 @@ def test_the_killed_rank_is_named_with_its_signal_not_the_survivor(tmp_path):
     cause = watch.cause()
     assert cause is not None and cause.rank == 0
     # Read from /proc while the rank was a zombie (the launcher reaps once a second, the watch polls faster).
-    assert cause.cause() == "killed by signal 9, SIGKILL (kill -9 or the out-of-memory killer)"
+    assert cause.cause() == "killed by signal 9: SIGKILL, kill -9 or the out-of-memory killer"
     assert watch.stopped[1].lost_peer
     message = lost_rank_message(watch, "resume with the same command")
-    assert message.startswith("rank 0 of 2 stopped (killed by signal 9, SIGKILL") and "\n" not in message
+    assert message == ("rank 0 of 2 stopped (killed by signal 9: SIGKILL, kill -9 or the out-of-memory killer) and "
+                       "the other ranks were stopped; resume with the same command")
 
 
 def test_ranks_that_end_normally_or_with_a_shared_error_name_no_rank():
@@ -76,7 +77,7 @@ def test_ranks_that_end_normally_or_with_a_shared_error_name_no_rank():
     watch.stopped = {0: Stopped(0, 2 << 8, 1.0), 1: Stopped(1, 2 << 8, 1.0)}  # an error every rank agreed on
     assert watch.cause() is None and lost_rank_message(watch, "hint") is None
     watch.stopped = {0: Stopped(0, 0, 1.0), 1: Stopped(1, 1 << 8, 1.2)}  # rank 1 failed on its own after 0 ended
-    assert lost_rank_message(watch, "hint") == "rank 1 stopped (exit code 1); the other ranks were stopped. hint"
+    assert lost_rank_message(watch, "hint") == "rank 1 stopped (exit code 1) and the other ranks were stopped; hint"
 
 
 def test_ranks_that_only_lost_peers_point_at_another_node():
@@ -84,10 +85,10 @@ def test_ranks_that_only_lost_peers_point_at_another_node():
     watch.world_size = 4
     watch.stopped = {0: Stopped(0, LOST_PEER_EXIT << 8, 1.0), 1: Stopped(1, LOST_PEER_EXIT << 8, 1.1)}
     assert lost_rank_message(watch, "hint") == ("this node's ranks lost contact with a rank on another node "
-                                                "(see that node's output). hint")
+                                                "(see that node's output); hint")
     watch.stopped[1] = Stopped(1, None, 0.5)  # reaped before it was seen: named, cause unknown
-    assert lost_rank_message(watch, "hint") == "rank 1 of 4 stopped (exit status unknown); the other ranks were " \
-                                               "stopped. hint"
+    assert lost_rank_message(watch, "hint") == ("rank 1 of 4 stopped (exit status unknown) and the other ranks were "
+                                                "stopped; hint")
 
 
 def test_zombie_status_reads_a_killed_childs_signal(tmp_path):

@@ -1,5 +1,6 @@
-"""Reliability of `nitp train`, proven with real processes on CPU: kill -9, SIGTERM/SIGINT, torn
-checkpoints, non-finite losses, failing saves and a run directory of another config.
+"""Reliability of `nitp train`, proven with real processes on CPU: kill -9 (of the run, of one rank),
+SIGTERM/SIGINT, torn and damaged checkpoints, non-finite losses, failing saves and a run directory of another
+config.
 
 Every run is a tiny model through `tests/runs.py`; the promises are listed in docs/reliability.md.
 """
@@ -10,10 +11,13 @@ import json
 import resource
 import shutil
 import signal
+import time
 
+import psutil
 import pytest
 
 import runs
+from nitp_ds.checkpoint import integrity
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,13 @@ def reference(data, tmp_path_factory):
     result = runs.train(data, run_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [r["step"] for r in runs.records(run_dir)] == [1, 2, 3, 4, 5, 6]
+    # The run times its own phases (start-up, each save, the end) into its summary and its console table.
+    phases = runs.summary(run_dir)["phases"]
+    assert [save["step"] for save in phases["checkpoint_saves"]] == [3]  # step 6 is the final save
+    assert 0 < phases["checkpoint_saves"][0]["seconds"] < phases["total_s"]
+    assert 0 < phases["final_save_s"] <= phases["end_s"]
+    assert 0 < phases["startup_s"] < phases["startup_s"] + phases["train_s"] + phases["end_s"] <= phases["total_s"]
+    assert "time: start-up (to the first step)" in result.stdout and "time: checkpoint saves" in result.stdout
     return run_dir
 
 
@@ -78,6 +89,57 @@ def test_incomplete_checkpoint_is_skipped_and_run_resumes_from_previous(data, re
     assert "global_step3 at step 3" in result.stdout
     assert runs.curve(run_dir) == runs.curve(reference)
     assert runs.complete(run_dir, 6) and runs.latest(run_dir) == "global_step6"
+
+
+def test_damaged_checkpoint_is_refused_when_named_and_skipped_by_auto_resume(data, reference, tmp_path):
+    # A partial copy: the newest checkpoint complete (nitp_meta.json, `latest`) but one file cut short.
+    run_dir = copy_run(reference, tmp_path / "run")
+    damaged = run_dir / "checkpoints" / "global_step6" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    saved_size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    before = sorted((str(p.relative_to(run_dir)), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+
+    # Named explicitly: refused in one line before anything is built or written.
+    result = runs.train(data, run_dir, extra=["--resume", str(damaged.parent)])
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: checkpoint file {damaged} is truncated or corrupt: 1000 bytes, {saved_size} when it "
+                      "was saved; copy it again or use an earlier checkpoint"]
+    assert "Traceback" not in result.stderr and "resumed from" not in result.stdout
+    assert sorted((str(p.relative_to(run_dir)), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+    # --resume auto: one warning naming the file, then the previous checkpoint, and the same curve as never damaged.
+    result = runs.train(data, run_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipping damaged checkpoint global_step6: {damaged} is truncated or corrupt: 1000 "
+                        f"bytes, {saved_size} when it was saved; trying the one before it"]
+    assert "global_step3 at step 3" in result.stdout
+    assert runs.curve(run_dir) == runs.curve(reference)
+    assert damaged.stat().st_size == saved_size  # the damaged checkpoint was saved again, whole
+    assert integrity.find_damage(damaged.parent) is None and runs.latest(run_dir) == "global_step6"
+
+
+def test_kill_9_of_one_rank_stops_the_others_in_one_line_and_the_checkpoint_stays_intact(data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = runs.start(data, run_dir, nproc=2, **{"train.steps": 1000, "checkpoint.every": 2})
+    runs.wait_until(lambda: runs.logged_step(run_dir) >= 3 and runs.complete(run_dir, 2), proc, timeout=240)
+    rank_1 = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "nitp_ds.cli" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1")
+    rank_1.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    returncode = runs.finish(proc, timeout=60)
+    stopped_after = time.monotonic() - killed
+    log = (tmp_path / "run.log").read_text()
+    assert returncode != 0, log[-3000:]
+    assert stopped_after < 30, f"the surviving rank took {stopped_after:.0f} s to stop"
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log[-3000:]
+    assert errors[0].startswith("error: rank 1 of 2 stopped (killed by signal 9: SIGKILL"), errors[0]
+    newest = run_dir / "checkpoints" / runs.latest(run_dir)
+    assert f"the newest complete checkpoint, {newest}, is intact: resume with the same command" in errors[0]
+    assert "Traceback" not in log
+    assert integrity.find_damage(newest) is None  # every file of it matches its size and CRC-32
 
 
 def test_sigterm_to_launcher_with_two_ranks_saves_exits_0_and_restart_finishes(data, tmp_path):

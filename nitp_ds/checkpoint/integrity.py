@@ -132,17 +132,17 @@ def check_file(path: Path, record: dict | None, fix: str = FIX) -> None:
         raise NITPError(f"checkpoint file {path} {problem}; {fix}")
 
 
-def find_damage(tag_dir: Path, *, rank: int = 0, world_size: int = 1) -> str | None:
+def find_damage(tag_dir: Path, *, rank: int = 0, world_size: int = 1, checksums: bool = True) -> str | None:
     """The first damaged file of a checkpoint, as "<path> <problem>"; None when every file is whole.
 
     Every rank checks every file's presence and size (a stat each); the checksums, which read the files, are
     shared out: a rank reads the files it will load itself (`writer_rank`), warming the page cache for the load.
-    One process (rank 0 of 1) checks everything.
+    One process (rank 0 of 1) checks everything; `checksums=False` only the sizes.
     """
     records = recorded_files(tag_dir)
     files = [tag_dir / name for name in sorted(records)] if records else checkpoint_files(tag_dir)
     for path in files:
-        mine = writer_rank(path.name, world_size) == rank
+        mine = checksums and writer_rank(path.name, world_size) == rank
         problem = file_problem(path, records.get(path.name), checksum=mine)
         if problem:
             return f"{path} {problem}"

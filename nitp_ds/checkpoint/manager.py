@@ -3,21 +3,26 @@
 `CheckpointManager` sits on top of DeepSpeed's `save_checkpoint` / `load_checkpoint`; the file-level pieces
 (`nitp_meta.json`, `latest`, finding a complete checkpoint) are in `state.py`, shared with convert and export.
 A save is complete when rank 0 has written `nitp_meta.json` after every rank finished writing; `latest`
-then names it, and the oldest complete ones beyond checkpoint.keep_last are deleted.
+then names it, and the oldest complete ones beyond checkpoint.keep_last are deleted. Each rank records the
+size and CRC-32 of the files it wrote (`integrity.py`) before the ranks agree that the save succeeded; the
+records go into `nitp_meta.json`. `--resume auto` takes the newest complete checkpoint whose files match
+them, skipping damaged ones with a warning.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from nitp_ds.checkpoint import integrity
 from nitp_ds.checkpoint import state as ckpt
 from nitp_ds.config import Config
-from nitp_ds.distributed import all_min, barrier, on_every_rank
+from nitp_ds.distributed import all_gather, barrier, lost_peer, on_every_rank, world
 from nitp_ds.errors import NITPError
 from nitp_ds.resolve import ResolvedRun
 
@@ -32,6 +37,10 @@ class CheckpointManager:
         self.progress, self.loader = progress, loader
         self.resume_from, self.force, self.is_main, self.say = resume_from, force, is_main, say
         self.ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
+        self.rank, self.world_size, _ = world()
+        self.save_seconds: list[tuple[int, float]] = []  # (step, seconds training waited), one per periodic save
+        self.final_save_seconds: float | None = None
+        self.intact_step: int | None = None  # the step of the checkpoint this process resumed from or saved last
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -41,10 +50,12 @@ class CheckpointManager:
         if mode == "never" or self.force:
             return
         if mode == "auto":
-            tag_dir = ckpt.latest_complete(self.ckpt_dir, warn=self.say)
-            if tag_dir is None:
-                return
-            try:  # an explicit --resume PATH was checked at start-up
+            try:  # every rank walks the same directories and agrees on each one's damage: the same choice
+                tag_dir = integrity.newest_intact(ckpt.complete_newest_first(self.ckpt_dir, warn=self.say),
+                                                  self.damage_on_any_rank, warn=self.say)
+                if tag_dir is None:
+                    return
+                # an explicit --resume PATH was checked at start-up
                 ckpt.check_expert_layout(ckpt.read_meta(tag_dir), self.run.ds_config, tag_dir)
             except NITPError as exc:  # every rank reads the same files: rank 0 says it once
                 raise on_every_rank(exc) from None
@@ -73,20 +84,31 @@ class CheckpointManager:
             self.loader.load_state_dict(client["loader"])
         if "rng" in client:
             restore_rng(client["rng"])
+        if tag_dir.parent.resolve() == self.ckpt_dir.resolve():  # not a checkpoint of another run directory
+            self.intact_step = self.progress.step
         self.say(f"resumed from {tag_dir} at step {self.progress.step}")
+
+    def damage_on_any_rank(self, tag_dir: Path) -> str | None:
+        """`integrity.find_damage` with the reading shared out: each rank checks the checksums of the files it
+        will load itself; the first damage found on any rank, the same answer on every rank."""
+        mine = integrity.find_damage(tag_dir, rank=self.rank, world_size=self.world_size)
+        return next((damage for damage in all_gather(mine, self.world_size) if damage), None)
 
     # -- save --------------------------------------------------------------------------------
 
     def maybe_save(self, step: int, last: bool) -> None:
         """Save at step `step` when it is due: every checkpoint.every steps inside the run; at its last step
-        (`last`: finished or stopped) unless that step's checkpoint is already complete."""
+        (`last`: finished or stopped) unless this process resumed from or saved that step's checkpoint (a complete
+        one on disk is not enough: it may be the damaged one that resume skipped)."""
         if last:
-            if self.cfg.train.steps and not ckpt.is_complete(self.ckpt_dir / ckpt.tag_for(step)):
-                self.save()
+            if self.cfg.train.steps and step != self.intact_step:
+                self.final_save_seconds = self.save()
         elif self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0 and step < self.cfg.train.steps:
-            self.save()
+            self.save_seconds.append((step, self.save()))
 
-    def save(self) -> None:
+    def save(self) -> float:
+        """Save this step's checkpoint; the seconds training waited for it (a phase of the run's summary)."""
+        started = time.perf_counter()
         step = self.progress.step
         tag = ckpt.tag_for(step)
         tag_dir = self.ckpt_dir / tag
@@ -95,25 +117,31 @@ class CheckpointManager:
         barrier()
         client = {"step": step, "consumed_tokens": self.progress.consumed_tokens,
                   "skipped": self.progress.skipped_steps, "loader": self.loader.state_dict(), "rng": capture_rng()}
+        records = None
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-            ok = 1
+            # Read back at once, from the page cache: the bytes DeepSpeed just wrote, not a later copy of them.
+            records = integrity.record_own_files(tag_dir, self.rank, self.world_size)
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+            if lost_peer(exc):
+                raise  # not this disk: another rank is gone (the trainer ends the run in one line)
             self.say(f"error: checkpoint save to {tag_dir} failed ({getattr(exc, 'strerror', None) or exc}); "
                      "the previous checkpoint is still valid")
-            ok = 0
-        ok = all_min(ok, self.engine.device)
-        if not ok:
+        everyone = all_gather(records, self.world_size)
+        if any(r is None for r in everyone):
             if self.is_main:
                 shutil.rmtree(tag_dir, ignore_errors=True)
             raise on_every_rank(NITPError(
                 f"checkpoint save to {tag_dir} failed on at least one rank (disk full or unwritable?); "
                 "the previous checkpoint is intact — free space or fix permissions and resume"))
         if self.is_main:
-            ckpt.mark_complete(tag_dir, self.meta(step))
+            files = {name: record for rank_records in everyone for name, record in rank_records.items()}
+            ckpt.mark_complete(tag_dir, {**self.meta(step), integrity.FILES_KEY: files})
             ckpt.update_latest(self.ckpt_dir, tag)
             prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         barrier()
+        self.intact_step = step
+        return time.perf_counter() - started
 
     def meta(self, step: int) -> dict[str, Any]:
         """nitp_meta.json: what convert, export and eval need to rebuild the model without the recipe."""

@@ -4,7 +4,8 @@ Layout: `RUN/checkpoints/global_stepN/` (DeepSpeed's files, per rank) plus `nitp
 written by rank 0 only after every rank has finished writing — its presence marks the checkpoint
 complete. `RUN/checkpoints/latest` names the newest complete tag and is replaced atomically
 (write then rename), so it never points at a partial checkpoint. On resume, an incomplete
-directory is skipped with a warning.
+directory is skipped with a warning. `nitp_meta.json` also holds the size and CRC-32 of every file
+(`integrity.py`): `--resume auto` skips a damaged checkpoint with a warning, an explicit PATH is refused.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from nitp_ds.checkpoint import integrity
 from nitp_ds.errors import NITPError
 from nitp_ds.files import atomic_write_text  # noqa: F401 - also used from here by callers
 
@@ -75,13 +77,31 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_complete(ckpt_dir: Path, warn=print) -> Path | None:
-    """The newest complete checkpoint directory, skipping (and warning about) incomplete ones."""
+def complete_newest_first(ckpt_dir: Path, warn=print) -> Iterator[Path]:
+    """The complete checkpoint directories, newest first; an incomplete one met on the way is skipped with a
+    warning (a lazy walk: the ones older than where the caller stops are never looked at)."""
     for step, tag_dir in reversed(list_tags(ckpt_dir)):
         if is_complete(tag_dir):
-            return tag_dir
-        warn(f"warning: skipping incomplete checkpoint {tag_dir} (no complete {META}; a save was interrupted)")
-    return None
+            yield tag_dir
+        else:
+            warn(f"warning: skipping incomplete checkpoint {tag_dir} (no complete {META}; a save was interrupted)")
+
+
+def latest_complete(ckpt_dir: Path, warn=print) -> Path | None:
+    """The newest complete checkpoint directory, skipping (and warning about) incomplete ones."""
+    return next(complete_newest_first(ckpt_dir, warn), None)
+
+
+def resume_hint(ckpt_dir: Path) -> str:
+    """What a run that stopped abnormally can resume from, said at its end: the newest complete checkpoint,
+    checked by its files' sizes (a stat each, no reading)."""
+    tag_dir = latest_complete(ckpt_dir, warn=lambda _: None)
+    if tag_dir is None:
+        return "no checkpoint was saved yet: the same command starts afresh"
+    damage = integrity.find_damage(tag_dir, checksums=False)
+    if damage:
+        return f"the newest complete checkpoint, {tag_dir}, is damaged ({damage}); resume with the same command"
+    return f"the newest complete checkpoint, {tag_dir}, is intact: resume with the same command"
 
 
 def has_model_states(directory: Path) -> bool:
@@ -132,14 +152,17 @@ def resolve_checkpoint(path: str | Path, *, require_meta: bool = True, warn=prin
                     "directory or a checkpoints/global_stepN directory written by nitp train")
 
 
-def explicit_resume(mode: str) -> Path | None:
-    """The checkpoint that `checkpoint.resume` names, checked up front; None for "auto" and "never"."""
+def explicit_resume(mode: str, rank: int = 0, world_size: int = 1) -> Path | None:
+    """The checkpoint that `checkpoint.resume` names, checked up front (complete, every file whole: each rank
+    reads the files it will load, `integrity.find_damage`); None for "auto" and "never"."""
     if mode in ("auto", "never"):
         return None
     if not Path(mode).exists():
         raise NITPError(f"--resume {mode} (checkpoint.resume) is neither auto, never, nor an existing path; pass "
                         "auto, never, a run directory or a checkpoints/global_stepN directory")
-    return resolve_checkpoint(mode)
+    tag_dir = resolve_checkpoint(mode)
+    integrity.check_intact(tag_dir, rank=rank, world_size=world_size)
+    return tag_dir
 
 
 def mark_complete(tag_dir: Path, meta: dict[str, Any]) -> None:

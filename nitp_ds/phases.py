@@ -1,0 +1,69 @@
+"""The wall-clock phases of one `nitp train`, measured by the run itself and written into its summary.
+
+- start-up: from the process start (of `nitp train` itself when it started the launcher) to the first step done:
+  imports, data, model and engine build, resume, and the first step with its compilation;
+- each checkpoint save: the seconds training waited for it (the checkpoint manager times them);
+- the end: from the last step done to the summary: the final save, the final evaluation, closing the logs.
+What follows the summary — leaving the process group, the interpreter's exit — is not in it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+START_ENV = "NITP_START_TIME"  # `nitp train` sets it for the launcher: the ranks count start-up from there
+
+
+def process_start() -> float:
+    """When this job started (time.time() scale): the earlier of this process's start and START_ENV."""
+    import psutil
+
+    own = psutil.Process().create_time()
+    try:
+        return min(own, float(os.environ.get(START_ENV, own)))
+    except ValueError:
+        return own
+
+
+class Phases:
+    def __init__(self) -> None:
+        self.start = process_start()
+        self.first_step: float | None = None
+        self.last_step: float | None = None
+
+    def step_done(self) -> None:
+        now = time.time()
+        if self.first_step is None:
+            self.first_step = now
+        self.last_step = now
+
+    def summary(self, saves: list[tuple[int, float]], final_save: float | None) -> dict[str, Any]:
+        """{"startup_s", "train_s", "checkpoint_saves": [{"step", "seconds"}], "final_save_s", "end_s", "total_s"};
+        the step times are None in a run that made no step (e.g. resumed at its last step)."""
+        now = time.time()
+        first, last = self.first_step, self.last_step
+        return {"startup_s": None if first is None else first - self.start,
+                "train_s": None if first is None else last - first,
+                "checkpoint_saves": [{"step": step, "seconds": seconds} for step, seconds in saves],
+                "final_save_s": final_save,
+                "end_s": None if last is None else now - last,
+                "total_s": now - self.start}
+
+
+def describe(phases: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows for the console summary."""
+    rows = []
+    if phases.get("startup_s") is not None:
+        rows.append(("start-up (to the first step)", f"{phases['startup_s']:.1f} s"))
+    saves = [save["seconds"] for save in phases.get("checkpoint_saves", [])]
+    if saves:
+        rows.append(("checkpoint saves (training waited)",
+                     f"{len(saves)}, at most {max(saves):.2f} s, {sum(saves):.2f} s in all"))
+    if phases.get("end_s") is not None:
+        final = phases.get("final_save_s")
+        rows.append(("end (final save, eval, logs)",
+                     f"{phases['end_s']:.1f} s" + (f", of which the save {final:.2f} s" if final is not None else "")))
+    rows.append(("total", f"{phases['total_s']:.1f} s"))
+    return rows
