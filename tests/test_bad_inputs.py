@@ -337,3 +337,20 @@ def test_eval_data_with_a_larger_vocabulary_than_the_model(scratch, tmp_path, mo
     refuse_in_process(scratch, ["eval", str(tmp_path / "hf"), "--data", "data"],
                       ["vocabulary of 300 tokens", "has 100", "evaluate on data prepared with the model's tokenizer"],
                       monkeypatch, capfd)
+
+
+def test_eval_of_a_cut_safetensors_file(scratch, tmp_path, monkeypatch, capfd):
+    """A model directory copied in part: one line naming the file, before the model is built (was a traceback)."""
+    from nitp_ds.config import ModelConfig
+    from nitp_ds.models import build_model
+
+    model = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+                        experts_per_token=2, moe_intermediate_size=16, intermediate_size=64, max_seq_len=64)
+    build_model(model, vocab_size=300).save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    whole = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: whole // 2])
+    refuse_in_process(scratch, ["eval", str(tmp_path / "hf"), "--data", "data"],
+                      [f"checkpoint file {weights} is truncated or corrupt: {whole // 2} bytes, its safetensors "
+                       f"header describes {whole}", "copy it again or re-run `nitp convert`/`nitp export`"],
+                      monkeypatch, capfd)

@@ -1,12 +1,17 @@
-"""Rank environment and rank agreement on errors (nitp_ds.distributed), in a 1-process gloo group."""
+"""Rank environment and rank agreement on errors (nitp_ds.distributed), in a 1-process gloo group; what a
+surviving rank sees when its peer is killed, in a real 2-process gloo group, and the line it ends with."""
 
+import multiprocessing
 import os
+import signal
+import sys
 
 import pytest
 import torch.distributed as dist
 
-from nitp_ds.distributed import agree_on_errors, ensure_dist_env, free_port, world
+from nitp_ds.distributed import agree_on_errors, ensure_dist_env, free_port, lost_peer, lost_peer_error, world
 from nitp_ds.errors import NITPError
+from nitp_ds.rank_watch import LOST_PEER_EXIT, WATCH_ENV
 
 RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -64,3 +69,53 @@ def test_free_port_is_bindable():
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", free_port()))
+
+
+def survivor(port: int, rank: int, verdict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9: its sockets are closed by the kernel
+    try:
+        for _ in range(1000):
+            dist.all_reduce(torch.ones(4))
+        verdict.put("no error")
+    except RuntimeError as exc:
+        verdict.put((lost_peer(exc), str(exc)))
+
+
+def test_a_collective_after_a_peer_is_killed_is_recognised_as_a_lost_peer():
+    context = multiprocessing.get_context("spawn")
+    verdict = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=survivor, args=(port, rank, verdict)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    recognised, message = verdict.get(timeout=120)
+    for process in ranks:
+        process.join(timeout=30)
+    assert ranks[1].exitcode == -signal.SIGKILL
+    assert recognised, message
+
+
+def test_the_survivors_line_names_the_cause_and_the_checkpoint(monkeypatch):
+    # The message gloo gave rank 0 of 2 when rank 1 was killed during a step (seen in a real run).
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:12513: Connection reset by peer. This is typically caused by a remote worker "
+                        "hanging or bugs in the application. Check the logs of the remote worker before reporting "
+                        "an error. GLHF! 🏖️")
+    assert lost_peer(gloo) and not lost_peer(RuntimeError("shape mismatch")) and not lost_peer(ValueError("x"))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(WATCH_ENV, raising=False)
+    error = lost_peer_error(gloo, "the newest complete checkpoint, run/checkpoints/global_step2, is intact: resume "
+                                  "with the same command")
+    assert str(error) == ("rank 0 of 2 lost contact with another rank, which stopped or whose node failed (Read "
+                          "error [127.0.0.1]:12513: Connection reset by peer); the newest complete checkpoint, "
+                          "run/checkpoints/global_step2, is intact: resume with the same command")
+    assert error.exit_code == LOST_PEER_EXIT and not error.quiet
+    monkeypatch.setenv(WATCH_ENV, "1")  # under `nitp train`, which names the rank that stopped
+    assert lost_peer_error(gloo, "hint").quiet
