@@ -178,9 +178,15 @@ def lost_peer(exc: BaseException) -> bool:
 
 
 def lost_peer_error(exc: RuntimeError, resume_hint: str) -> NITPError:
-    """The one line a surviving rank ends with, exit code LOST_PEER_EXIT. Under `nitp train`, which watches
-    this node's ranks and names the one that stopped (`rank_watch.py`), the line is left to it (`quiet`)."""
+    """The one line a surviving rank ends with, exit code LOST_PEER_EXIT, after leaving the broken process group.
+    Under `nitp train`, which watches this node's ranks and names the one that stopped (`rank_watch.py`), the
+    line is left to it (`quiet`)."""
     from nitp_ds.rank_watch import LOST_PEER_EXIT, watched
+
+    try:
+        leave_process_group(barrier=False)
+    except Exception:  # noqa: BLE001 - the group is broken already; the exit must not be
+        pass
 
     rank, world_size, _ = world()
     reason = str(exc).split("] ", 1)[-1].split(". This is typically", 1)[0].splitlines()[0]

@@ -411,10 +411,6 @@ def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> di
             raise  # a bug, or --debug: the traceback
         # Another rank is gone (killed, crashed, its node lost): a collective failed here. One line, no
         # traceback; its checkpoints were never at risk (a save is complete only once every rank wrote its part).
-        try:
-            leave_process_group(barrier=False)
-        except Exception:  # noqa: BLE001 - the group is broken already; the exit must not be
-            pass
         raise lost_peer_error(exc, ckpt.resume_hint(Path(cfg.train.out_dir) / "checkpoints")) from None
     # The same abort was seen once after a normal finish (the demo, 1 run in 4): leave the group there too.
     leave_process_group(barrier=True)

@@ -85,6 +85,8 @@ def survivor(port: int, rank: int, verdict) -> None:
         verdict.put("no error")
     except RuntimeError as exc:
         verdict.put((lost_peer(exc), str(exc)))
+        error = lost_peer_error(exc, "hint")  # leaves the broken group, as the trainer's boundary does
+        sys.exit(error.exit_code)  # what the CLI does with it: the exit code must survive the teardown
 
 
 def test_a_collective_after_a_peer_is_killed_is_recognised_as_a_lost_peer():
@@ -99,6 +101,7 @@ def test_a_collective_after_a_peer_is_killed_is_recognised_as_a_lost_peer():
         process.join(timeout=30)
     assert ranks[1].exitcode == -signal.SIGKILL
     assert recognised, message
+    assert ranks[0].exitcode == LOST_PEER_EXIT  # no abort while leaving the group
 
 
 def test_the_survivors_line_names_the_cause_and_the_checkpoint(monkeypatch):

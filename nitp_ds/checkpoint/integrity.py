@@ -83,13 +83,16 @@ def file_problem(path: Path, record: dict | None, *, checksum: bool = True) -> s
     """
     if not path.is_file():
         return "is missing (nitp_meta.json lists it)"
-    if record is None:
-        return unrecorded_problem(path) if checksum else None
-    size = path.stat().st_size
-    if size != record.get("bytes"):
-        return f"is truncated or corrupt: {size} bytes, {record.get('bytes')} when it was saved"
-    if checksum and record.get("crc32") and (crc := crc32_of(path)) != record["crc32"]:
-        return f"is corrupt: its CRC-32 is {crc}, {record['crc32']} when it was saved"
+    try:
+        if record is None:
+            return unrecorded_problem(path) if checksum else None
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            return f"is truncated or corrupt: {size} bytes, {record.get('bytes')} when it was saved"
+        if checksum and record.get("crc32") and (crc := crc32_of(path)) != record["crc32"]:
+            return f"is corrupt: its CRC-32 is {crc}, {record['crc32']} when it was saved"
+    except OSError as exc:  # unreadable (permissions, an I/O error): as damaged as a cut file, for a resume
+        return f"cannot be read ({exc.strerror or exc})"
     return None
 
 
