@@ -53,17 +53,15 @@ class Phases:
 
 
 def describe(phases: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) rows for the console summary."""
+    """(label, value) rows for the console summary, short enough for an 80-column table."""
     rows = []
     if phases.get("startup_s") is not None:
-        rows.append(("start-up (to the first step)", f"{phases['startup_s']:.1f} s"))
+        rows.append(("start-up", f"{phases['startup_s']:.1f} s to the first step"))
     saves = [save["seconds"] for save in phases.get("checkpoint_saves", [])]
     if saves:
-        rows.append(("checkpoint saves (training waited)",
-                     f"{len(saves)}, at most {max(saves):.2f} s, {sum(saves):.2f} s in all"))
+        rows.append(("checkpoint saves", f"{len(saves)}, at most {max(saves):.2f} s each"))
     if phases.get("end_s") is not None:
         final = phases.get("final_save_s")
-        rows.append(("end (final save, eval, logs)",
-                     f"{phases['end_s']:.1f} s" + (f", of which the save {final:.2f} s" if final is not None else "")))
+        rows.append(("end", f"{phases['end_s']:.1f} s" + (f" (final save {final:.2f} s)" if final is not None else "")))
     rows.append(("total", f"{phases['total_s']:.1f} s"))
     return rows
