@@ -136,7 +136,7 @@ def run_launcher(cmd: list[str], *, remote_ranks: bool, local_ranks: int | None 
         from nitp_ds.checkpoint.state import resume_hint
 
         hint = resume_hint(Path(run_dir) / "checkpoints") if run_dir else "resume with the same command"
-        message = lost_rank_message(watch, hint)
+        message = lost_rank_message(watch, hint, launcher_code=returncode)
         if message:
             print(f"error: {message}", file=sys.stderr, flush=True)
     return returncode if returncode >= 0 else 1

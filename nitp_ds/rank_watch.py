@@ -119,11 +119,18 @@ class RankWatch:
         return any(s.lost_peer for s in self.stopped.values()) and self.cause() is None
 
 
-def lost_rank_message(watch: RankWatch, resume_hint: str) -> str | None:
-    """The one line for a job that ended because a rank stopped; None when no rank of this node did."""
+def lost_rank_message(watch: RankWatch, resume_hint: str, launcher_code: int | None = None) -> str | None:
+    """The one line for a job that ended because a rank stopped; None when no rank of this node did.
+
+    `launcher_code`: the exit code of DeepSpeed's launcher, which exits with the first failing code it polled
+    (`sys.exit(-9)` gives 247). It fills in the cause of a rank that was reaped before the watch saw it, when it
+    is a signal: ranks that only lost their peers exit with LOST_PEER_EXIT, never by a signal.
+    """
     world = f" of {watch.world_size}" if watch.world_size else ""
     cause = watch.cause()
     if cause is not None:
+        if cause.status is None and launcher_code is not None and 128 < launcher_code < 256:
+            cause = Stopped(cause.rank, 256 - launcher_code, cause.at)  # waitpid's encoding of that signal
         return f"rank {cause.rank}{world} stopped ({cause.cause()}) and the other ranks were stopped; {resume_hint}"
     if watch.only_lost_peers():
         return f"this node's ranks lost contact with a rank on another node (see that node's output); {resume_hint}"

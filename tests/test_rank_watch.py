@@ -89,6 +89,11 @@ def test_ranks_that_only_lost_peers_point_at_another_node():
     watch.stopped[1] = Stopped(1, None, 0.5)  # reaped before it was seen: named, cause unknown
     assert lost_rank_message(watch, "hint") == ("rank 1 of 4 stopped (exit status unknown) and the other ranks were "
                                                 "stopped; hint")
+    # ... unless the launcher's own exit code is a signal's (DeepSpeed's launch.py: sys.exit(-9) gives 247)
+    assert lost_rank_message(watch, "hint", launcher_code=247) == (
+        "rank 1 of 4 stopped (killed by signal 9: SIGKILL, kill -9 or the out-of-memory killer) and the other ranks "
+        "were stopped; hint")
+    assert "exit status unknown" in lost_rank_message(watch, "hint", launcher_code=LOST_PEER_EXIT)
 
 
 def test_zombie_status_reads_a_killed_childs_signal(tmp_path):
