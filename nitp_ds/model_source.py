@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
+from nitp_ds.checkpoint.integrity import check_file
 from nitp_ds.checkpoint.state import META, is_checkpoint_location, read_meta, resolve_checkpoint
 from nitp_ds.errors import NITPError
 
 HEAD_FILE = "nitp_head.safetensors"
+REWRITE = "copy it again or re-run `nitp convert`/`nitp export`"
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 RESOLVED_CONFIG = "resolved_config.yaml"  # the trainer's copy of the recipe in a run directory
@@ -69,6 +71,9 @@ def open_directory(path: Path, dtype: torch.dtype, run_dir: Path | None = None,
     into a temporary `path`)."""
     from nitp_ds.nitp import NITPModel
 
+    for weights in sorted(path.glob("*.safetensors")):  # a cut-short file: one line naming it, not a traceback
+        if weights.name != HEAD_FILE:  # the head is checked where it is read, after its settings
+            check_file(weights, None, fix=REWRITE)
     meta = read_meta(path, fix="re-run `nitp convert`")
     config = load_hf_config(path, meta)
     lm = load_language_model(path, config, dtype)
@@ -193,6 +198,8 @@ def load_language_model(path: Path, config, dtype: torch.dtype):
 
 def load_head(head: torch.nn.Module, file: Path) -> None:
     from safetensors.torch import load_file
+
+    check_file(file, None, fix=REWRITE)
 
     state = {k.removeprefix("nitp_head."): v for k, v in load_file(str(file)).items()}
     expected = head.state_dict()

@@ -18,6 +18,7 @@ import pytest
 
 import runs
 from nitp_ds.checkpoint import integrity
+from nitp_ds.errors import NITPError
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,17 @@ def test_damaged_checkpoint_is_refused_when_named_and_skipped_by_auto_resume(dat
                       "was saved; copy it again or use an earlier checkpoint"]
     assert "Traceback" not in result.stderr and "resumed from" not in result.stdout
     assert sorted((str(p.relative_to(run_dir)), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
+
+    # nitp convert / export / eval of it: the same check, the same line (export and eval convert first).
+    from nitp_ds.checkpoint.convert import convert_checkpoint
+    from nitp_ds.model_source import open_source
+
+    for read in (lambda: convert_checkpoint(damaged.parent, tmp_path / "out", show_progress=False),
+                 lambda: open_source(damaged.parent)):
+        with pytest.raises(NITPError) as refused:
+            read()
+        assert str(refused.value) == errors[0].removeprefix("error: ")
+    assert not (tmp_path / "out").exists()
 
     # --resume auto: one warning naming the file, then the previous checkpoint, and the same curve as never damaged.
     result = runs.train(data, run_dir)
