@@ -34,7 +34,8 @@ def reset_peaks() -> bool:
 
 
 def main() -> None:
-    recipe, ds_path, out_json, *sets = sys.argv[1:]
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    recipe, ds_path, out_json, *sets = args
     records: dict[str, dict] = {}
     started = time.perf_counter()
     resettable = reset_peaks()

@@ -151,6 +151,7 @@ class Settings:
     seq_len: int = 512
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 8192
+    compiled_loss: bool = False  # the cross-entropy's softmax gradient as one compiled kernel (CUDA default)
     compute_bytes: int = 4  # 2 with bf16
     grad_bytes: int = 4
     autoep_size: int = 1
@@ -176,6 +177,7 @@ def settings_from(cfg: Any, ds: dict[str, Any], *, world_size: int, ranks_per_no
         world_size=world_size, ranks_per_node=max(1, min(ranks_per_node, world_size)),
         micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
         activation_checkpointing=cfg.train.activation_checkpointing, ce_chunk_tokens=cfg.train.ce_chunk_tokens,
+        compiled_loss=on_gpu if cfg.train.compile_loss is None else bool(cfg.train.compile_loss),
         compute_bytes=compute, grad_bytes=4 if grad_dtype in ("fp32", "float32") else compute,
         autoep_size=int(ep.get("autoep_size", 1)) if ep.get("enabled") else 1,
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
@@ -256,6 +258,8 @@ def plan_memory(shape: ModelShape, s: Settings) -> MemoryPlan:
     with_ckpt = activation_bytes(shape, s, checkpointing=True)
     without = activation_bytes(shape, s, checkpointing=False)
     working = working_bytes(shape, s, persistent)
+    if s.offload_param and s.on_gpu:
+        working += c * persistent  # DeepSpeed keeps persistent parameters on the device, offload or not
     # Today each rank builds the whole model in fp32 on the host; DeepSpeed then copies out its partition
     # parameter by parameter. Under zero.Init a rank would hold its partition and one layer at a time.
     build = 4 * total if not s.partitioned_build else 4 * (shard + _largest_unit(shape, s))
@@ -302,7 +306,8 @@ def activation_bytes(shape: ModelShape, s: Settings, *, checkpointing: bool) -> 
         outside += c * (4 * shape.head_width + 3 * h)  # NITP head (gate, up, product, down input) and target
     chunk = min(tokens, s.ce_chunk_tokens)
     loss_saved = tokens * h * c + shape.vocab * h * (4 if tokens > s.ce_chunk_tokens else c)  # dL/dh, dL/dW
-    loss_chunk = chunk * shape.vocab * (2 * c + 8)  # one chunk's logits, fp32 copy, softmax, gradient
+    # One chunk's logits and their gradient; eager PyTorch also holds an fp32 copy and the softmax.
+    loss_chunk = chunk * shape.vocab * (2 * c if s.compiled_loss else 2 * c + 8)
     return tokens * (layers + outside) + loss_saved + loss_chunk
 
 
@@ -372,34 +377,39 @@ def describe(plan: MemoryPlan, shape: ModelShape) -> str:
 
 def check_fits(plan: MemoryPlan, *, device_bytes: int | None, host_bytes: int | None,
                device_name: str = "GPU 0") -> None:
-    """Refuse a plan that cannot fit: one line with the numbers and the fixes that apply."""
+    """Refuse a plan that cannot fit: one line with the numbers and the fixes that could close the gap."""
     s = plan.settings
     parts = (f"params {gib(plan.params)}, grads {gib(plan.grads)}, optimizer {gib(plan.optimizer)}, "
              f"activations {gib(plan.activations)}, working set {gib(plan.working)}")
     if s.on_gpu and device_bytes is not None and plan.device > device_bytes:
+        excess = plan.device - device_bytes
         fixes = ["more GPUs"]
-        if not (s.offload_optimizer and s.offload_param):
+        offloadable = sum(v for k, v in (("params", plan.params), ("grads", plan.grads),
+                                         ("optimizer", plan.optimizer)) if plan.where[k] == "device")
+        if offloadable >= excess:
             fixes.append("ds_configs/zero3_moe_offload.json")
-        fixes += _activation_fixes(plan)
+        fixes += _activation_fixes(plan, excess)
         raise NITPError(f"the memory plan needs {gib(plan.device)} GiB per GPU ({parts}) but {device_name} has "
                         f"{gib(device_bytes)} GiB; use {_or(fixes)}")
     if host_bytes is not None and plan.host_per_node > host_bytes:
-        fixes = ["more nodes with fewer ranks each"]
+        excess = (plan.host_per_node - host_bytes) // s.ranks_per_node
+        fixes = ["more nodes" if s.ranks_per_node == 1 else "more nodes with fewer ranks each"]
         if s.on_gpu and (s.offload_optimizer or s.offload_param):
             fixes.append("a ds_config without offload")
         if not s.on_gpu:
-            fixes += _activation_fixes(plan)
+            fixes += _activation_fixes(plan, excess)
         where = f"{s.ranks_per_node} rank(s) × {gib(plan.host)} GiB"
         raise NITPError(f"the memory plan needs {gib(plan.host_per_node)} GiB of host memory per node ({where}: "
                         f"build {gib(plan.build)}, {parts}) but this node has {gib(host_bytes)} GiB; "
                         f"use {_or(fixes)}")
 
 
-def _activation_fixes(plan: MemoryPlan) -> list[str]:
-    fixes = []
-    if plan.settings.micro_batch > 1:
+def _activation_fixes(plan: MemoryPlan, excess: int) -> list[str]:
+    """The activation fixes that would free at least `excess` bytes on their own."""
+    s, fixes = plan.settings, []
+    if s.micro_batch > 1 and plan.activations * (s.micro_batch - 1) // s.micro_batch >= excess:
         fixes.append("a smaller train.micro_batch_size")
-    if not plan.settings.activation_checkpointing:
+    if not s.activation_checkpointing and plan.activations - plan.activations_other >= excess:
         fixes.append("train.activation_checkpointing=true")
     return fixes
 
@@ -424,13 +434,12 @@ def host_capacity() -> int:
     return psutil.virtual_memory().total
 
 
-def plan_for_run(cfg: Any, hf_config: Any, ds: dict[str, Any], *, world_size: int,
-                 ranks_per_node: int) -> tuple[MemoryPlan, ModelShape]:
-    """The plan of a run as the trainer and `--print-config` see it."""
+def plan_for_run(cfg: Any, run: Any, ranks_per_node: int) -> tuple[MemoryPlan, ModelShape]:
+    """The plan of a resolved run (`nitp_ds.resolve.ResolvedRun`), as the trainer and `--print-config` see it."""
     import torch
 
-    shape = model_shape(hf_config, cfg.nitp.head, cfg.nitp.head_mult)
-    s = settings_from(cfg, ds, world_size=world_size, ranks_per_node=ranks_per_node,
+    shape = model_shape(run.hf_config, cfg.nitp.head, cfg.nitp.head_mult)
+    s = settings_from(cfg, run.ds_config, world_size=run.world_size, ranks_per_node=ranks_per_node,
                       on_gpu=torch.cuda.is_available())
     return plan_memory(shape, s), shape
 
@@ -438,3 +447,22 @@ def plan_for_run(cfg: Any, hf_config: Any, ds: dict[str, Any], *, world_size: in
 def with_settings(plan: MemoryPlan, shape: ModelShape, **changes: Any) -> MemoryPlan:
     """The same model under other settings (e.g. more ranks): for `bench/memory.py --find-largest`."""
     return plan_memory(shape, replace(plan.settings, **changes))
+
+
+def ranks_on_this_node(world_size: int) -> int:
+    """Processes per node, as the launcher says (deepspeed: LOCAL_SIZE; torchrun: LOCAL_WORLD_SIZE)."""
+    import os
+
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return world_size
+
+
+def check_run(cfg: Any, run: Any, *, local_rank: int = 0) -> MemoryPlan:
+    """The trainer's start-up check: the plan of this run, refused when it cannot fit (`train.memory_check`)."""
+    plan, _ = plan_for_run(cfg, run, ranks_on_this_node(run.world_size))
+    if cfg.train.memory_check:
+        device_bytes, name = device_capacity(local_rank)
+        check_fits(plan, device_bytes=device_bytes, host_bytes=host_capacity(), device_name=name or "GPU 0")
+    return plan

@@ -49,6 +49,7 @@ def scratch(tmp_path_factory) -> Path:
     (root / "typo.yaml").write_text("model:\n  hiden_size: 8\n")
     (root / "micro-batch.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
     (root / "autoep2.json").write_text(json.dumps({"expert_parallel": {"enabled": True, "autoep_size": 2}}))
+    (root / "nvme.json").write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}))
     (root / "emptydir").mkdir()
     (root / "out-exists").mkdir()
     (root / "out-exists" / "keep.txt").write_text("mine")
@@ -286,6 +287,12 @@ PROCESS = [
      ["train.out_dir a-file is a file", "choose another train.out_dir"]),
     ("train-resume-path-missing", [*TRAIN, "--resume", "no-checkpoint"],
      ["--resume no-checkpoint", "pass auto, never, a run directory"]),
+    # the memory plan of a ~70B-parameter model: more host memory than any one machine here has
+    ("train-memory-plan-does-not-fit", [*TRAIN, "--set", "model.hidden_size=8192", "--set", "model.num_layers=64",
+                                        "--set", "model.moe_intermediate_size=8192"],
+     ["the memory plan needs", "GiB of host memory per node (1 rank(s) ×", "but this node has", "use more nodes"]),
+    ("train-offload-to-nvme", [*TRAIN, "--ds-config", "nvme.json"],
+     ["zero_optimization.offload_optimizer.device is 'nvme'", "set it to \"cpu\" or \"none\""]),
 ]
 
 
@@ -297,6 +304,32 @@ def test_bad_input_exits_2_with_one_line_and_leaves_files_alone(scratch, args, k
 @pytest.mark.parametrize("args, keywords", [row[1:] for row in PROCESS], ids=[row[0] for row in PROCESS])
 def test_bad_train_input_exits_2_with_one_line_and_leaves_files_alone(scratch, args, keywords):
     refuse(scratch, args, *keywords)
+
+
+def test_offload_without_the_cpu_adam_op_is_refused(scratch, tmp_path):
+    """ZeRO-Offload's step needs DeepSpeed's compiled cpu_adam op. Here its build fails (a compiler that refuses
+    that one op), as on a machine without a C++ compiler: one line naming the op and the ways out."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get("cpu_adam"):
+        pytest.skip("this DeepSpeed install has cpu_adam prebuilt: nothing is missing")
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\ncase "$*" in *cpu_adam*) echo "no compiler" >&2; exit 1;; esac\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    extensions = tmp_path / "extensions"  # a fresh build cache: cpu_adam is built (and fails) here
+    extensions.mkdir()
+    shm = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    if shm.is_dir():  # gloo's shared-memory op, which every CPU rank loads, need not be rebuilt
+        shutil.copytree(shm, extensions / shm.name)
+    offload = str(Path(DS_CONFIG).parent / "zero3_moe_offload.json")
+    before = snapshot(scratch)
+    result = subprocess.run([*NITP, *TRAIN, "--ds-config", offload], cwd=scratch, capture_output=True, text=True,
+                            env=child_env(CXX=str(compiler), TORCH_EXTENSIONS_DIR=str(extensions)), timeout=600)
+    check_refusal(result.returncode, result.stdout, result.stderr,
+                  ("needs DeepSpeed's cpu_adam op", "install a C++ compiler", "DS_BUILD_CPU_ADAM=1",
+                   '"zero_force_ds_cpu_optimizer": false'))
+    assert snapshot(scratch) == before, "the refused command changed files"
 
 
 def test_the_installed_command_refuses_like_main(scratch):

@@ -170,6 +170,10 @@ def test_a_plan_over_the_gpu_is_refused_in_one_line_with_the_numbers_and_the_fix
     for fix in ("more GPUs", "ds_configs/zero3_moe_offload.json", "a smaller train.micro_batch_size",
                 "train.activation_checkpointing=true"):
         assert fix in message
+    # Past what offload or the activations could free, only more GPUs remain.
+    with pytest.raises(NITPError) as refused:
+        check_fits(plan, device_bytes=plan.device - plan.activations - 1, host_bytes=None)
+    assert str(refused.value).endswith("GiB; use more GPUs")
 
 
 def test_a_plan_over_the_host_memory_counts_every_rank_of_the_node():
