@@ -25,7 +25,9 @@ and AutoEP (`module_inject/auto_ep_layer.py`):
   RMSNorm and the router keep fp32 copies under bf16 (the (4 - c) terms). With activation checkpointing a
   layer keeps only its input (h per token) and one layer is recomputed at a time.
 - The build: today every rank builds the whole model in fp32 on the host before `deepspeed.initialize`
-  partitions it (4 bytes × every parameter); `partitioned_build` is for a build under `zero.Init`.
+  partitions it (4 bytes × every parameter), and the process keeps those pages after DeepSpeed frees the
+  whole tensors (measured on CPU: the peak in training holds them); `partitioned_build` is for a build
+  under `zero.Init`.
 
 The figures are estimates: measured against them in docs/benchmarks.md (`bench/memory.py`).
 """
@@ -224,16 +226,17 @@ class MemoryPlan:
 
     @property
     def build_peak(self) -> int:
-        """Host bytes per rank at the end of the build: the whole model as built, or the training state that
-        `deepspeed.initialize` allocates once it has partitioned the model, whichever is larger."""
+        """Host bytes per rank at the end of the build: the model as built, and the training state that
+        `deepspeed.initialize` allocates on the host (all of it without a GPU; what is offloaded with one)."""
         states = sum(v for k, v in (("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer))
                      if self.where[k] == "host")
-        return self.host_baseline + max(self.build, states)
+        return self.host_baseline + self.build + states
 
     @property
     def host(self) -> int:
-        """Per rank: the larger of the build and training, over the process's own baseline."""
-        return max(self.build_peak, self.host_baseline + self.on("host"))
+        """Per rank, at its peak in training. The model as built stays counted: DeepSpeed frees its whole
+        tensors once partitioned, but the process keeps most of those pages (measured, docs/benchmarks.md)."""
+        return self.host_baseline + self.build + self.on("host")
 
     @property
     def host_per_node(self) -> int:
@@ -390,7 +393,8 @@ def check_fits(plan: MemoryPlan, *, device_bytes: int | None, host_bytes: int | 
             fixes.append("ds_configs/zero3_moe_offload.json")
         fixes += _activation_fixes(plan, excess)
         raise NITPError(f"the memory plan needs {gib(plan.device)} GiB per GPU ({parts}) but {device_name} has "
-                        f"{gib(device_bytes)} GiB; use {_or(fixes)}")
+                        f"{gib(device_bytes)} GiB; use {_or(fixes)} (the plan is an estimate: "
+                        "train.memory_check=false skips this check)")
     if host_bytes is not None and plan.host_per_node > host_bytes:
         excess = (plan.host_per_node - host_bytes) // s.ranks_per_node
         fixes = ["more nodes" if s.ranks_per_node == 1 else "more nodes with fewer ranks each"]
@@ -401,7 +405,7 @@ def check_fits(plan: MemoryPlan, *, device_bytes: int | None, host_bytes: int | 
         where = f"{s.ranks_per_node} rank(s) × {gib(plan.host)} GiB"
         raise NITPError(f"the memory plan needs {gib(plan.host_per_node)} GiB of host memory per node ({where}: "
                         f"build {gib(plan.build)}, {parts}) but this node has {gib(host_bytes)} GiB; "
-                        f"use {_or(fixes)}")
+                        f"use {_or(fixes)} (the plan is an estimate: train.memory_check=false skips this check)")
 
 
 def _activation_fixes(plan: MemoryPlan, excess: int) -> list[str]:
