@@ -50,25 +50,24 @@ def main() -> None:
         reset_peaks()
         started = time.perf_counter()
 
-    from nitp_ds import trainer as t
+    from nitp_ds import distributed
     from nitp_ds.config import load_config
+    from nitp_ds.trainer import Trainer
 
     cfg = load_config(recipe, sets)
-    t.ensure_dist_env()
-    t.start_process_group()
-    trainer = t.Trainer(cfg, ds_path, force=True)
-    if trainer.is_main:
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-    trainer.barrier()
+    distributed.ensure_dist_env()
+    distributed.start_process_group()
+    trainer = Trainer(cfg, ds_path, force=True)
+    trainer.write_run_dir()
+    distributed.barrier()
     phase("start")
     trainer.build()
     phase("build")
-    trainer.train_step()
+    trainer.step_or_skip()
     phase("first step")
-    trainer.train_step()
+    trainer.step_or_skip()
     phase("second step")
-    trainer.state.step = 2
-    trainer.save()
+    trainer.checkpoints.save()
     phase("save")
 
     import torch.distributed as dist
@@ -77,7 +76,7 @@ def main() -> None:
     dist.all_gather_object(everyone, {"rank": trainer.rank, "phases": records, "peaks_reset": resettable})
     if trainer.is_main:
         Path(out_json).write_text(json.dumps(everyone, indent=1))
-    t.leave_process_group(barrier=True)
+    distributed.leave_process_group(barrier=True)
 
 
 if __name__ == "__main__":

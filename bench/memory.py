@@ -84,7 +84,7 @@ def sets_list(sets: dict) -> list[str]:
 
 def run_phases(sets: dict, ds_config: str, nproc: int, out: Path, timeout: float) -> list[dict] | str:
     """One run of the child on `nproc` ranks: every rank's phase records, or the reason it failed."""
-    from nitp_ds.trainer import free_port
+    from nitp_ds.distributed import free_port
 
     record = out / "phases.json"
     args = [str(CHILD), str(REPO / "recipes" / "debug.yaml"), ds_config, str(record), *sets_list(sets)]
@@ -115,15 +115,12 @@ def convert_peak_mib(run_dir: Path, out: Path) -> float | None:
 def estimate(sets: dict, ds_config: str, nproc: int):
     """The memory plan for this run, as the trainer computes it."""
     from nitp_ds.config import load_config, validate
-    from nitp_ds.ds_config import derive_ds_config, load_ds_config
+    from nitp_ds.ds_config import load_ds_config
     from nitp_ds.memory import plan_for_run
-    from nitp_ds.models import build_hf_config, num_experts
+    from nitp_ds.resolve import resolve_run
 
     cfg = validate(load_config(REPO / "recipes" / "debug.yaml", sets_list(sets)))
-    hf = build_hf_config(cfg.model, cfg.model.vocab_size)
-    ds = derive_ds_config(load_ds_config(ds_config), cfg, world_size=nproc, num_experts=num_experts(hf),
-                          model_type=hf.model_type)
-    return plan_for_run(cfg, hf, ds, world_size=nproc, ranks_per_node=nproc)
+    return plan_for_run(cfg, resolve_run(cfg, load_ds_config(ds_config), nproc), nproc)
 
 
 def gib(mib: float | None) -> str:

@@ -349,32 +349,32 @@ def gib(n: int) -> str:
     return f"{value:.3g}" if value < 10 else f"{value:.0f}"
 
 
+def size(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB" if n < GIB else f"{n / GIB:.3g} GiB"
+
+
 def describe(plan: MemoryPlan, shape: ModelShape) -> str:
     """The plan as `--print-config` shows it: one line per part, and the totals."""
     s = plan.settings
-    ckpt = "on" if s.activation_checkpointing else "off"
-    other = "off" if s.activation_checkpointing else "on"
+    ckpt, other = ("on", "off") if s.activation_checkpointing else ("off", "on")
     lines = [
-        f"# memory plan per rank (estimate; GiB): world size {s.world_size}, {s.ranks_per_node} rank(s) per node, "
+        f"# memory plan per rank (an estimate): world size {s.world_size}, {s.ranks_per_node} rank(s) per node, "
         f"expert-parallel size {s.autoep_size}, {'bf16' if s.compute_bytes == 2 else 'fp32'}, micro-batch "
         f"{s.micro_batch} × {s.seq_len} tokens, offload optimizer {s.offload_optimizer or 'none'}, "
         f"offload params {s.offload_param or 'none'}",
         f"#   model: {shape.total / 1e9:.3g}B parameters ({shape.experts / 1e9:.3g}B in routed experts)",
-        f"#   params {gib(plan.params):>7}  ({plan.where['params']})",
-        f"#   grads {gib(plan.grads):>8}  ({plan.where['grads']})",
-        f"#   optimizer {gib(plan.optimizer):>4}  ({plan.where['optimizer']})",
-        f"#   activations {gib(plan.activations)} with activation checkpointing {ckpt} "
-        f"({gib(plan.activations_other)} with it {other}) ({plan.where['activations']})",
-        f"#   working set {gib(plan.working)} (gathered layers, gradient bucket, loss chunk) ({plan.where['working']})",
-        f"#   build {gib(plan.build)} (host, before the first step"
-        f"{'' if s.partitioned_build else ': every rank builds the whole model in fp32'})",
+        f"#   params       {size(plan.params):>10}  {plan.where['params']}",
+        f"#   grads        {size(plan.grads):>10}  {plan.where['grads']}",
+        f"#   optimizer    {size(plan.optimizer):>10}  {plan.where['optimizer']}",
+        f"#   activations  {size(plan.activations):>10}  {plan.where['activations']}, activation checkpointing "
+        f"{ckpt} ({size(plan.activations_other)} with it {other})",
+        f"#   working set  {size(plan.working):>10}  {plan.where['working']} (gathered layers, a layer's gradients, "
+        "gradient bucket)",
+        f"#   build        {size(plan.build):>10}  host"
+        f"{'' if s.partitioned_build else ' (every rank builds the whole model in fp32)'}",
     ]
-    if s.on_gpu:
-        lines.append(f"#   total: {gib(plan.device)} per GPU; host {gib(plan.host)} per rank, "
-                     f"{gib(plan.host_per_node)} per node")
-    else:
-        lines.append(f"#   total: host {gib(plan.host)} per rank (with {gib(plan.host_baseline)} for the process), "
-                     f"{gib(plan.host_per_node)} per node")
+    host = f"host {size(plan.host)} per rank (process {size(plan.host_baseline)}), {size(plan.host_per_node)} per node"
+    lines.append(f"#   total: {size(plan.device)} per GPU; {host}" if s.on_gpu else f"#   total: {host}")
     return "\n".join(lines)
 
 
