@@ -49,6 +49,8 @@ SHAPE_A = {"model.hidden_size": 1024, "model.num_layers": 16, "model.num_heads":
            "model.num_experts": 32, "model.experts_per_token": 4, "model.moe_intermediate_size": 512,
            "model.vocab_size": 32000, "data.seq_len": 2048, "model.max_seq_len": 2048, "train.micro_batch_size": 8}
 PHASES = ("start", "build", "first step", "second step", "save")
+PLAN_PARTS = ("host", "build_peak", "device", "build", "host_baseline", "params", "grads", "optimizer", "activations",
+              "working")
 
 
 def on_gpu() -> bool:
@@ -146,10 +148,7 @@ def table(args, data: Path, tmp: Path) -> list[dict]:
                                   for p in PHASES},
                    "convert_mib": convert_peak_mib(Path(sets["train.out_dir"]), tmp / f"{size}-{nproc}" / "hf"),
                    "rss_mib": {p: max(r["phases"][p]["host_rss_mib"] for r in ranks) for p in PHASES},
-                   "plan": {"host": plan.host / 2**20, "build_peak": plan.build_peak / 2**20, "device": plan.device / 2**20, "build": plan.build / 2**20,
-                            "baseline": plan.host_baseline / 2**20, "params": plan.params / 2**20,
-                            "grads": plan.grads / 2**20, "optimizer": plan.optimizer / 2**20,
-                            "activations": plan.activations / 2**20, "working": plan.working / 2**20}}
+                   "plan": {key: getattr(plan, key) / 2**20 for key in PLAN_PARTS}}
             rows.append(row)
             print_row(row)
     return rows
@@ -165,9 +164,26 @@ def print_row(row: dict) -> None:
               f" (plan {gib(p['device'])})  save {gib(d['save'])}")
 
 
+def markdown(rows: list[dict]) -> None:
+    """The rows as docs/benchmarks.md's table (GiB, the largest rank; steps: the larger of the two steps)."""
+    device = any(any(r["device_mib"].values()) for r in rows)
+    print("\n| model | processes | start | build: measured / plan | steps: measured / plan | save | convert |"
+          + (" device steps: measured / plan |" if device else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if device else ""))
+    for r in rows:
+        h, d, p = r["host_mib"], r["device_mib"], r["plan"]
+        steps = max(h["first step"], h["second step"])
+        line = (f"| {r['size']} ({r['params'] / 1e6:.0f}M) | {r['nproc']} | {gib(h['start'])} | {gib(h['build'])} / "
+                f"{gib(p['build_peak'])} | {gib(steps)} / {gib(p['host'])} ({100 * (p['host'] / steps - 1):+.0f}%) | "
+                f"{gib(h['save'])} | {gib(r['convert_mib'])} |")
+        if device:
+            line += f" {gib(max(d['first step'] or 0, d['second step'] or 0))} / {gib(p['device'])} |"
+        print(line)
+
+
 def find_largest(args, data: Path, tmp: Path) -> None:
     """Grow model.num_layers from the plan's guess until two steps no longer train."""
-    from nitp_ds.memory import device_capacity, host_capacity, with_settings
+    from nitp_ds.memory import device_capacity, host_capacity
 
     base = {**COMMON, **SHAPE_A, "train.steps": 2, **dict(s.split("=", 1) for s in args.set)}
     nproc = args.nproc[0]
@@ -249,6 +265,7 @@ def main() -> None:
             find_largest(args, data, tmp)
             return
         rows = table(args, data, tmp)
+    markdown(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -48,9 +48,10 @@ def check_offload(ds: dict[str, Any]) -> None:
         if device not in (None, "cpu"):
             raise NITPError(f"ds_config zero_optimization.{key}.device is '{device}'; nitp-ds supports \"cpu\" "
                             "(DeepSpeed cannot checkpoint an NVMe-swapped optimizer): set it to \"cpu\" or \"none\"")
-    if (optimizer or param) and ds.get("zero_optimization", {}).get("stage") != 3:
-        raise NITPError("ds_config offloads with zero_optimization.stage "
-                        f"{ds.get('zero_optimization', {}).get('stage')}; nitp-ds trains with ZeRO stage 3: set \"stage\": 3")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if (optimizer or param) and stage != 3:
+        raise NITPError(f"ds_config offloads with zero_optimization.stage {stage}; nitp-ds trains with ZeRO stage 3: "
+                        "set \"stage\": 3")
     if uses_cpu_adam(ds):
         load_cpu_adam()
 

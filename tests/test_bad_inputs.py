@@ -49,7 +49,8 @@ def scratch(tmp_path_factory) -> Path:
     (root / "typo.yaml").write_text("model:\n  hiden_size: 8\n")
     (root / "micro-batch.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
     (root / "autoep2.json").write_text(json.dumps({"expert_parallel": {"enabled": True, "autoep_size": 2}}))
-    (root / "nvme.json").write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}))
+    nvme = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
+    (root / "nvme.json").write_text(json.dumps(nvme))
     (root / "emptydir").mkdir()
     (root / "out-exists").mkdir()
     (root / "out-exists" / "keep.txt").write_text("mine")

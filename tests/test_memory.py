@@ -174,7 +174,8 @@ def test_a_plan_over_the_gpu_is_refused_in_one_line_with_the_numbers_and_the_fix
     # Past what offload or the activations could free, only more GPUs remain.
     with pytest.raises(NITPError) as refused:
         check_fits(plan, device_bytes=plan.device - plan.activations - 1, host_bytes=None)
-    assert "GiB; use more GPUs (the plan is an estimate: train.memory_check=false skips this check)" in str(refused.value)
+    assert "GiB; use more GPUs (the plan is an estimate: train.memory_check=false skips this check)" in \
+        str(refused.value)
 
 
 def test_a_plan_over_the_host_memory_counts_every_rank_of_the_node():
