@@ -1,6 +1,6 @@
 """Child of bench/memory.py: one rank of a `nitp train` run, its peak memory measured phase by phase.
 
-argv: RECIPE DS_CONFIG OUT_JSON KEY=VALUE... Runs the trainer's own steps — start-up (process group,
+argv: RECIPE DS_CONFIG OUT_JSON KEY=VALUE... (NITP_MEMORY_SAVE=0: no save). Runs the trainer's own steps — start-up (process group,
 imports), `build` (model, optimizer, DeepSpeed engine), the first `train_step`, `save` — and records for
 each phase the peak resident set of this process (VmHWM, reset at the start of each phase through
 /proc/self/clear_refs where the kernel allows it, else the peak since start) and the peak device memory
@@ -10,6 +10,7 @@ each phase the peak resident set of this process (VmHWM, reset at the start of e
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -67,8 +68,9 @@ def main() -> None:
     phase("first step")
     trainer.step_or_skip()
     phase("second step")
-    trainer.checkpoints.save()
-    phase("save")
+    if os.environ.get("NITP_MEMORY_SAVE", "1") != "0":  # --find-largest skips the save: its models are big
+        trainer.checkpoints.save()
+        phase("save")
 
     import torch.distributed as dist
 

@@ -12,7 +12,9 @@ On a machine without a GPU the runs use DS_ACCELERATOR=cpu (gloo) and ds_configs
 
 Largest model (`--find-largest`): grows model.num_layers of one shape (`--set` picks it; the default is
 shape A of the GPU benchmark) until a run of two steps fails, starting from the plan's largest fitting
-count and stepping by ~15%; prints the largest that trained with its measured peak and its estimate:
+count and stepping by ~15% (at most --max-tries runs of --timeout seconds each, no checkpoint save); prints
+the largest that trained with its measured peak and its estimate. Each try builds the whole model in fp32
+on the host first (minutes for billions of parameters until the build is partitioned):
 
     python bench/memory.py --find-largest [--ds-config ds_configs/zero3_moe_offload.json] [--nproc 1]
 """
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,7 +87,8 @@ def sets_list(sets: dict) -> list[str]:
     return [f"{k}={v}" for k, v in sets.items()]
 
 
-def run_phases(sets: dict, ds_config: str, nproc: int, out: Path, timeout: float) -> list[dict] | str:
+def run_phases(sets: dict, ds_config: str, nproc: int, out: Path, timeout: float,
+               save: bool = True) -> list[dict] | str:
     """One run of the child on `nproc` ranks: every rank's phase records, or the reason it failed."""
     from nitp_ds.distributed import free_port
 
@@ -95,14 +99,19 @@ def run_phases(sets: dict, ds_config: str, nproc: int, out: Path, timeout: float
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
                str(free_port()), *args]
+    env = {**child_env(), "NITP_MEMORY_SAVE": "1" if save else "0"}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: a timeout ends the ranks too
     try:
-        result = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return f"timed out after {timeout:.0f} s"
-    if result.returncode != 0 or not record.is_file():
-        tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+    if proc.returncode != 0 or not record.is_file():
+        tail = output.strip().splitlines()[-3:]
         oom = any("out of memory" in line.lower() for line in tail)
-        return "out of memory" if oom else f"exit {result.returncode}: {' | '.join(tail)[-400:]}"
+        return "out of memory" if oom else f"exit {proc.returncode}: {' | '.join(tail)[-400:]}"
     return json.loads(record.read_text())
 
 
@@ -209,7 +218,7 @@ def find_largest(args, data: Path, tmp: Path) -> None:
     def attempt(layers: int) -> bool:
         sets = {**base, "model.num_layers": layers, "data.path": data, "train.out_dir": tmp / f"L{layers}" / "run"}
         plan, shape = estimate(sets, args.ds_config, nproc)
-        ranks = run_phases(sets, args.ds_config, nproc, tmp / f"L{layers}", args.timeout)
+        ranks = run_phases(sets, args.ds_config, nproc, tmp / f"L{layers}", args.timeout, save=False)
         ok = not isinstance(ranks, str)
         peak = None
         if ok:
@@ -252,10 +261,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="recipe override key=value (repeatable)")
     parser.add_argument("--data", default=None, help="a prepared data directory (default: a small built-in corpus)")
     parser.add_argument("--json", default=None, help="write the rows here")
-    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--timeout", type=float, default=None, help="per run; default 1800 s, 300 with --find-largest")
     parser.add_argument("--find-largest", action="store_true")
-    parser.add_argument("--max-tries", type=int, default=5)
+    parser.add_argument("--max-tries", type=int, default=4)
     args = parser.parse_args()
+    if args.timeout is None:
+        args.timeout = 300 if args.find_largest else 1800
     if args.ds_config is None:
         args.ds_config = str(REPO / "ds_configs" / ("zero3_moe.json" if on_gpu() else "zero3_moe_cpu.json"))
     with tempfile.TemporaryDirectory(prefix="nitp-memory-") as name:
