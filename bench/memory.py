@@ -45,7 +45,7 @@ SIZES = {
              "model.num_experts": 16, "model.experts_per_token": 2, "model.moe_intermediate_size": 384},
 }
 COMMON = {"model.vocab_size": 16000, "data.seq_len": 256, "model.max_seq_len": 256, "train.micro_batch_size": 4,
-          "train.eval_every": 0, "train.eval_tokens": 256, "train.steps": 2, "checkpoint.every": 0,
+          "train.eval_every": 0, "train.steps": 2, "checkpoint.every": 0,
           "checkpoint.keep_last": 0, "logging.tensorboard": "false", "logging.every": 1}
 # Shape A of the GPU benchmark (docs/benchmarks.md), the starting shape of --find-largest.
 SHAPE_A = {"model.hidden_size": 1024, "model.num_layers": 16, "model.num_heads": 16, "model.num_kv_heads": 4,
