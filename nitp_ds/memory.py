@@ -34,7 +34,7 @@ The figures are estimates: measured against them in docs/benchmarks.md (`bench/m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from nitp_ds.errors import NITPError
@@ -170,11 +170,14 @@ class Settings:
 def settings_from(cfg: Any, ds: dict[str, Any], *, world_size: int, ranks_per_node: int,
                   on_gpu: bool) -> Settings:
     """The plan's settings from a validated recipe and a derived ds_config (every "auto" filled)."""
+    from nitp_ds.offload import offload_devices
+
     zero = ds.get("zero_optimization", {})
     bf16 = bool(ds.get("bf16", {}).get("enabled"))
     compute = 2 if bf16 else 4
     grad_dtype = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower()
     ep = ds.get("expert_parallel", {})
+    offloaded = offload_devices(ds)
     return Settings(
         world_size=world_size, ranks_per_node=max(1, min(ranks_per_node, world_size)),
         micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
@@ -186,13 +189,7 @@ def settings_from(cfg: Any, ds: dict[str, Any], *, world_size: int, ranks_per_no
         reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
-        offload_optimizer=offload_device(zero, "offload_optimizer"),
-        offload_param=offload_device(zero, "offload_param"), on_gpu=on_gpu)
-
-
-def offload_device(zero: dict[str, Any], key: str) -> str | None:
-    device = (zero.get(key) or {}).get("device", "none")
-    return None if device in (None, "none") else str(device)
+        offload_optimizer=offloaded[0], offload_param=offloaded[1], on_gpu=on_gpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,11 +443,6 @@ def plan_for_run(cfg: Any, run: Any, ranks_per_node: int) -> tuple[MemoryPlan, M
     s = settings_from(cfg, run.ds_config, world_size=run.world_size, ranks_per_node=ranks_per_node,
                       on_gpu=torch.cuda.is_available())
     return plan_memory(shape, s), shape
-
-
-def with_settings(plan: MemoryPlan, shape: ModelShape, **changes: Any) -> MemoryPlan:
-    """The same model under other settings (e.g. more ranks): for `bench/memory.py --find-largest`."""
-    return plan_memory(shape, replace(plan.settings, **changes))
 
 
 def ranks_on_this_node(world_size: int) -> int:
