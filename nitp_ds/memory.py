@@ -13,7 +13,7 @@ and AutoEP (`module_inject/auto_ep_layer.py`):
 - N ranks partition every parameter N ways. Routed experts are split over the `autoep_size` ranks of an
   expert-parallel group (E/ep experts each) and ZeRO-partitioned over the N/ep replicas of that group, so
   a rank also holds 1/N of them. A parameter with at most `stage3_param_persistence_threshold` elements
-  stays whole on every rank besides its partition (one rank: the threshold is 10^12, so all of them).
+  stays whole on every rank besides its partition (one rank: no second copy, measured).
 - Per parameter of the rank's partition: the compute-dtype copy (2 bytes in bf16, 4 in fp32), the
   gradient (fp32 with `data_types.grad_accum_dtype: fp32`, else the compute dtype), Adam's two fp32
   moments (8) and an fp32 master copy (4) unless the parameters are fp32 already; offloading the
@@ -246,7 +246,9 @@ def plan_memory(shape: ModelShape, s: Settings) -> MemoryPlan:
     shard = _ceil_div(total, n)  # parameters in this rank's partition (experts included: 1/ep × ep/N)
     persistent = sum(x for x in shape.param_numels if x <= s.persistence_threshold)
 
-    params = c * (shard + persistent)  # the partition, and the small parameters held whole
+    # The partition, and the parameters held whole besides; on one rank the partition is the whole parameter
+    # and no second copy is kept (measured: the same build peak with every parameter persistent or none).
+    params = c * (shard + persistent) if n > 1 else c * shard
     grads = s.grad_bytes * shard
     master = 4 if (c != 4 or s.offload_optimizer) else 0  # fp32 training updates its parameters in place
     optimizer = (8 + master) * shard

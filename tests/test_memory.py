@@ -56,7 +56,7 @@ def test_offload_moves_parameters_and_optimizer_to_the_host():
 
 def test_fp32_on_one_rank_keeps_every_parameter_whole_and_updates_it_in_place():
     plan = plan_memory(SHAPE, Settings(persistence_threshold=10**12, reduce_bucket=1000))
-    assert plan.params == 4 * (3608 + 3608)  # the partition (the whole model) and the resident copy
+    assert plan.params == 4 * 3608  # the partition is the whole model: no second, resident copy
     assert plan.optimizer == 8 * 3608  # no master copy in fp32
     assert plan.working == 4 * 1000 + 4 * 1000  # nothing to gather; a layer's gradients (ep 1) and the bucket
     assert plan.device == 0 and plan.host == plan.host_baseline + plan.build + plan.on("host")
