@@ -72,7 +72,8 @@ def train_command(
     if print_config:
         from nitp_ds.launch import node_count
 
-        _print_config(cfg, ds_config, (nproc or default_nproc()) * node_count(num_nodes, hostfile))
+        _print_config(cfg, ds_config, (nproc or default_nproc()) * node_count(num_nodes, hostfile),
+                      nproc or default_nproc())
         return
 
     procs = nproc if nproc is not None else default_nproc()
@@ -121,7 +122,7 @@ def _forwarded_argv() -> list[str]:
     return out
 
 
-def _print_config(cfg, ds_config_path: str, world_size: int) -> None:
+def _print_config(cfg, ds_config_path: str, world_size: int, ranks_per_node: int) -> None:
     from nitp_ds.config import dump_yaml
     from nitp_ds.ds_config import load_ds_config
     from nitp_ds.resolve import resolve_run
@@ -135,6 +136,14 @@ def _print_config(cfg, ds_config_path: str, world_size: int) -> None:
     run = resolve_run(cfg, load_ds_config(ds_config_path), world_size, data)
     print("# resolved recipe")
     print(dump_yaml(cfg), end="")
+    from nitp_ds.memory import describe, plan_for_run
+    from nitp_ds.offload import fast_zero_step_notice
+
+    plan, shape = plan_for_run(cfg, run, ranks_per_node)
+    print(describe(plan, shape))
+    notice = fast_zero_step_notice(cfg, run.ds_config)
+    if notice:
+        print(f"# {notice}")
     print(f"# derived DeepSpeed config (world size {world_size})")
     print(json.dumps(run.ds_config, indent=2))
 

@@ -97,16 +97,18 @@ def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
     return model
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases); DeepSpeedCPUAdam when the ds_config
+    offloads the optimizer step to the CPU (nitp_ds/offload.py)."""
     from nitp_ds.models.partitioned import full_ndim
+    from nitp_ds.offload import make_optimizer
 
     decay = [p for p in model.parameters() if full_ndim(p) >= 2]  # a partitioned parameter is flat: its full shape
     no_decay = [p for p in model.parameters() if full_ndim(p) < 2]
     fused = cfg.optim.fused if cfg.optim.fused is not None else torch.cuda.is_available()
-    return torch.optim.AdamW(
+    return make_optimizer(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused)
+        cfg.optim, ds_config or {}, fused=fused)
 
 
 def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -121,7 +123,7 @@ def build_engine_for(cfg: Config, run: ResolvedRun):
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = build_nitp_model(cfg, run)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, run.ds_config)
     return build_engine(model, run.ds_config, optimizer, build_schedule(cfg, optimizer), nitp_weight=cfg.nitp.weight,
                         aux_weight=cfg.moe.aux_loss_weight, z_weight=cfg.moe.z_loss_weight,
                         fast_zero_step=cfg.train.fast_zero_step,

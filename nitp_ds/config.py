@@ -113,6 +113,7 @@ class TrainConfig:
     gc_every: int = 50  # automatic Python GC paused in the loop, young generations collected every N steps; 0: off
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     deterministic: bool = False
+    memory_check: bool = True  # refuse at start-up a run whose memory plan exceeds the GPU (or host) memory
 
 
 @dataclass

@@ -78,7 +78,9 @@ def derive_ds_config(raw: dict[str, Any], cfg: Config, *, world_size: int, num_e
         # One data-parallel rank has nothing to partition parameters across: keeping every parameter
         # resident skips ZeRO-3's gather/release around each module (docs/benchmarks.md measures it).
         # With several ranks, DeepSpeed's default (1e5 elements) keeps only small parameters resident.
-        zero["stage3_param_persistence_threshold"] = 10**12 if world_size == 1 else 100_000
+        # Offloaded parameters must not be persistent (DeepSpeed keeps persistent ones on the device).
+        offload_param = (zero.get("offload_param") or {}).get("device", "none") not in (None, "none")
+        zero["stage3_param_persistence_threshold"] = 10**12 if world_size == 1 and not offload_param else 100_000
     ep = ds.get("expert_parallel")
     if ep is not None and ep.get("enabled", False):
         _check_expert_parallel(ep, cfg, world_size=world_size, num_experts=num_experts, model_type=model_type)

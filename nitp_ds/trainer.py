@@ -34,6 +34,8 @@ from nitp_ds.errors import NITPError
 from nitp_ds.evaluate import summary_line, validation_loss, validation_windows
 from nitp_ds.logs import MetricsLogger, format_train_line
 from nitp_ds.metrics import mfu
+from nitp_ds.memory import check_run
+from nitp_ds.offload import check_offload, fast_zero_step_notice
 from nitp_ds.phases import Phases
 from nitp_ds.resolve import resolve_run
 
@@ -96,6 +98,8 @@ class Trainer:
 
         self.data = open_data(cfg.data.path)
         self.resolved = resolve_run(cfg, ds_raw, self.world_size, self.data)
+        check_offload(self.resolved.ds_config)  # before anything is written: the offloaded step's needs
+        self.memory_plan = check_run(cfg, self.resolved, local_rank=self.local_rank)  # refuses what cannot fit
         if self.resume_from is not None:  # refused before the model is built (a `latest` one is checked at resume)
             ckpt.check_expert_layout(ckpt.read_meta(self.resume_from), self.resolved.ds_config, self.resume_from)
         self.loader = TokenLoader(self.data, "train", cfg.data.seq_len, cfg.train.micro_batch_size,
@@ -111,6 +115,9 @@ class Trainer:
         """The engine (model, optimizer, schedule) and the checkpoint manager that saves and resumes it."""
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)
+        notice = fast_zero_step_notice(self.cfg, self.resolved.ds_config)
+        if notice:
+            self.say(notice)
         self.engine = build_engine_for(self.cfg, self.resolved)
         self.device = self.engine.device
         self.checkpoints = CheckpointManager(self.engine, self.cfg, self.resolved, self.data, self.state, self.loader,

@@ -49,6 +49,8 @@ def scratch(tmp_path_factory) -> Path:
     (root / "typo.yaml").write_text("model:\n  hiden_size: 8\n")
     (root / "micro-batch.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
     (root / "autoep2.json").write_text(json.dumps({"expert_parallel": {"enabled": True, "autoep_size": 2}}))
+    nvme = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
+    (root / "nvme.json").write_text(json.dumps(nvme))
     (root / "emptydir").mkdir()
     (root / "out-exists").mkdir()
     (root / "out-exists" / "keep.txt").write_text("mine")
@@ -286,6 +288,12 @@ PROCESS = [
      ["train.out_dir a-file is a file", "choose another train.out_dir"]),
     ("train-resume-path-missing", [*TRAIN, "--resume", "no-checkpoint"],
      ["--resume no-checkpoint", "pass auto, never, a run directory"]),
+    # the memory plan of a ~70B-parameter model: more host memory than any one machine here has
+    ("train-memory-plan-does-not-fit", [*TRAIN, "--set", "model.hidden_size=8192", "--set", "model.num_layers=64",
+                                        "--set", "model.moe_intermediate_size=8192"],
+     ["the memory plan needs", "GiB of host memory per node (1 rank(s) ×", "but this node has", "use more nodes"]),
+    ("train-offload-to-nvme", [*TRAIN, "--ds-config", "nvme.json"],
+     ["zero_optimization.offload_optimizer.device is 'nvme'", "set it to \"cpu\" or \"none\""]),
 ]
 
 
@@ -297,6 +305,32 @@ def test_bad_input_exits_2_with_one_line_and_leaves_files_alone(scratch, args, k
 @pytest.mark.parametrize("args, keywords", [row[1:] for row in PROCESS], ids=[row[0] for row in PROCESS])
 def test_bad_train_input_exits_2_with_one_line_and_leaves_files_alone(scratch, args, keywords):
     refuse(scratch, args, *keywords)
+
+
+def test_offload_without_the_cpu_adam_op_is_refused(scratch, tmp_path):
+    """ZeRO-Offload's step needs DeepSpeed's compiled cpu_adam op. Here its build fails, as on a machine without a
+    compiler: a `ninja` first on PATH fails in cpu_adam's build directory (torch's JIT loader runs ninja there
+    even when the op is cached) and runs the real one elsewhere (gloo's shared-memory op stays cached). One line
+    naming the op and the ways out; DeepSpeed's extension cache is not the user's output and may change."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get("cpu_adam"):
+        pytest.skip("this DeepSpeed install has cpu_adam prebuilt: nothing is missing")
+    real = shutil.which("ninja")
+    assert real, "torch's JIT loader needs ninja on PATH"
+    (tmp_path / "ninja").write_text(f'#!/bin/sh\ncase "$PWD" in *cpu_adam*) echo "no compiler" >&2; exit 1;; esac\n'
+                                    f'exec {real} "$@"\n')
+    (tmp_path / "ninja").chmod(0o755)
+    offload = str(Path(DS_CONFIG).parent / "zero3_moe_offload.json")
+    before = snapshot(scratch)
+    env = child_env()
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    result = subprocess.run([*NITP, *TRAIN, "--ds-config", offload], cwd=scratch, capture_output=True, text=True,
+                            env=env, timeout=300)
+    check_refusal(result.returncode, result.stdout, result.stderr,
+                  ("needs DeepSpeed's cpu_adam op", "install a C++ compiler", "DS_BUILD_CPU_ADAM=1",
+                   '"zero_force_ds_cpu_optimizer": false'))
+    assert snapshot(scratch) == before, "the refused command changed files"
 
 
 def test_the_installed_command_refuses_like_main(scratch):

@@ -78,6 +78,9 @@ def test_auto_persistence_threshold_keeps_every_parameter_resident_on_one_rank()
     assert persistence_threshold(raw, world_size=2) == 100_000  # DeepSpeed's default: small parameters only
     assert persistence_threshold(raw, world_size=8) == 100_000
     assert raw["zero_optimization"]["stage3_param_persistence_threshold"] == "auto"  # the user's dict is untouched
+    # Offloaded parameters would stay on the device if persistent: DeepSpeed's default even on one rank.
+    offloaded = {"zero_optimization": {**raw["zero_optimization"], "offload_param": {"device": "cpu"}}}
+    assert persistence_threshold(offloaded, world_size=1) == 100_000
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
