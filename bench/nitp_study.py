@@ -229,6 +229,9 @@ class Trainer:
         self.args = args
         self.deadline = time.monotonic() + args.train_seconds if args.train_seconds else None
         self.lock = threading.Lock()
+        # Runs of one wave finish together; ten evaluations at once (each consolidating a checkpoint) failed on
+        # a 128 GB host, so at most --eval-parallel of them run at a time.
+        self.eval_slots = threading.Semaphore(args.eval_parallel)
         self.procs: dict[Run, subprocess.Popen] = {}
         self.stopping = False
         self.env = {**os.environ}
@@ -270,7 +273,8 @@ class Trainer:
         if eval_json(args.out, run, args.steps).exists():
             return "finished, evaluated before"
         print(f"{run.name}: finished, evaluating", flush=True)
-        code = nitp(*eval_command(args, run), env=self.env, log=log)
+        with self.eval_slots:
+            code = nitp(*eval_command(args, run), env=self.env, log=log)
         if code != 0:
             return f"evaluation failed (exit {code}, see {log})"
         return "finished and evaluated"
@@ -471,6 +475,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--parallel", type=int, default=0, help="runs at once (default: all of them, at most 8)")
+    parser.add_argument("--eval-parallel", type=int, default=3, help="evaluations at once (default 3)")
     parser.add_argument("--train-seconds", type=float, default=0, help="stop the training after this long "
                         "(each run saves a checkpoint; rerun to continue); 0: no limit")
     parser.add_argument("--corpus-mb", type=float, default=45.0)
