@@ -24,8 +24,7 @@ def convert_command(
 
     r = convert_checkpoint(src, out, to=to, dtype=dtype, force=force, max_shard_size=max_shard_size)
     size = f", {r.num_tensors} tensors, {r.total_bytes / 2**20:.1f} MiB" if to == "safetensors" else ""
-    typer.echo(f"wrote {r.out} ({to}, step {r.step}{size}); peak RSS {r.peak_rss_mib:.0f} MiB, "
-               f"ds_to_universal {r.peak_rss_children_mib:.0f} MiB")
+    typer.echo(f"wrote {r.out} ({to}, step {r.step}{size}); peak RSS {r.peak_rss_mib:.0f} MiB")
 
 
 @app.command("export")
@@ -33,15 +32,17 @@ def export_command(
     src: Path = typer.Argument(..., help="Run directory, its checkpoints/ directory, or checkpoints/global_stepN."),
     out: Path = typer.Option(..., "--out", "-o", help="Hugging Face output directory."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16 or fp32."),
-    verify: bool = typer.Option(False, "--verify", help="Reload with transformers and compare logits."),
+    verify: bool = typer.Option(False, "--verify", help="Check every tensor and the loaded model's quality against "
+                                "the checkpoint."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data directory for --verify (default: the run's)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: nitp_meta's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
     """Export a checkpoint as a Hugging Face model directory (NITP head stripped)."""
     from nitp_ds.checkpoint.export import export_checkpoint
 
-    r = export_checkpoint(src, out, dtype=dtype, verify=verify, force=force, tokenizer_dir=tokenizer)
+    r = export_checkpoint(src, out, dtype=dtype, verify=verify, force=force, tokenizer_dir=tokenizer, data_dir=data,
+                          warn=lambda line: typer.echo(line, err=True))
     typer.echo(f"wrote {r.out} ({dtype}, step {r.step})")
-    if verify:
-        typer.echo(f"verified: max |logits diff| {r.max_abs_diff:.3g} (tolerance {r.tolerance:g}); "
-                   f"drift from fp32 {r.max_abs_drift:.3g} (tolerance {r.drift_tolerance:.3g})")
+    if r.verification is not None:
+        typer.echo("verified " + "\n".join(r.verification.lines()))

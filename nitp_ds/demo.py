@@ -216,7 +216,8 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
     table.add_row("effective rank / anisotropy", f"{metrics['geometry/effective_rank']:.1f} / "
                   f"{metrics['geometry/anisotropy']:.3f}")
     table.add_row(f"tokens/s ({nproc} processes, last)", f"{summary.get('tokens_per_s', 0):,.0f}")
-    table.add_row("export logits max |Δ|", f"{exported.max_abs_diff:.2e} (tolerance {exported.tolerance:.0e})")
+    check = exported.verification
+    table.add_row("export verified: KL, top-1", f"{check.kl:.1e} nats, {check.top1_agreement:.1%} same next token")
     table.add_row("corpus", f"{corpus}\n{corpus_size}")
     table.add_row("data, tokenizer", str(out / "data"))
     table.add_row("run (metrics, checkpoints)", str(out / "run"))

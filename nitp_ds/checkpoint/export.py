@@ -1,9 +1,11 @@
 """Checkpoint → Hugging Face directory without the NITP head: config, sharded safetensors, tokenizer.
 
-The weights come from `convert_checkpoint` (fp32, Hugging Face names). They are loaded *strictly* into
-the stock model class, so a missing or misplaced expert tensor fails here instead of at inference, and
-written with `save_pretrained`. `verify=True` reloads the written directory with `from_pretrained`
-and compares its logits on a fixed batch with the fp32 model built from the consolidated weights.
+The weights are streamed from the checkpoint's partition files straight into the export dtype
+(`convert.write_safetensors`: one layer in memory, every name and shape checked against the stock model class
+built on the meta device, none missing), so an export costs what a convert costs whatever the model's size.
+`config.json` and `generation_config.json` come from nitp_meta.json's `hf_config`. `verify=True` then checks
+the written directory against the checkpoint (`nitp_ds.checkpoint.verify`): every tensor exactly, and the
+quality of the model that `from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -11,41 +13,36 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
-from nitp_ds.checkpoint.convert import commit_output, convert_checkpoint, hf_config_object, prepare_output
+from nitp_ds.checkpoint.convert import (DTYPES, HEAD_PREFIX, ZeroCheckpoint, check_checkpoint_files, commit_output,
+                                        hf_config_object, infer_model_type, iter_hf_tensors, meta_model,
+                                        plan_hf_tensors, prepare_output, write_safetensors)
 from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
+from nitp_ds.checkpoint.verify import Verification, check_tensors, compare_quality, evaluation_batches, judge
 from nitp_ds.errors import NITPError
 
-# verify compares the exported model's logits (computed in fp32) with two references built from the
-# consolidated fp32 weights: (1) the same weights rounded to the export dtype — must agree within
-# EXACT_TOLERANCE in both dtypes, which catches any misplaced tensor; (2) the unrounded fp32 weights —
-# the bf16 rounding drift, bounded by DRIFT_TOLERANCE × max(1, max |reference logit|) (routing flips
-# in tiny MoE models make it larger than the 2^-9 relative rounding of each weight).
-EXACT_TOLERANCE = 1e-4
-DRIFT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
-TOLERANCE = DRIFT_TOLERANCE
-MAX_SHARD_SIZE = "2GB"
+MAX_SHARD_BYTES = 2 * 10**9  # save_pretrained's default "2GB"
 
 
 @dataclass
 class ExportResult:
     out: Path
     step: int | None
-    max_abs_diff: float | None = None  # exported vs the reference rounded to the export dtype
-    max_abs_drift: float | None = None  # exported vs the unrounded fp32 reference
-    tolerance: float | None = None
-    drift_tolerance: float | None = None
+    verification: Verification | None = None
 
 
 def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", verify: bool = False,
-                      force: bool = False, tokenizer_dir: str | Path | None = None,
-                      max_shard_size: str | int = MAX_SHARD_SIZE, show_progress: bool = True) -> ExportResult:
-    """Writes a Hugging Face model directory from an nitp-ds checkpoint (run dir, checkpoints dir or tag dir)."""
-    from transformers import GenerationConfig
+                      force: bool = False, tokenizer_dir: str | Path | None = None, data_dir: str | Path | None = None,
+                      max_shard_size: int = MAX_SHARD_BYTES, show_progress: bool = True,
+                      warn: Callable[[str], None] = print) -> ExportResult:
+    """Writes a Hugging Face model directory from an nitp-ds checkpoint (run dir, checkpoints dir or tag dir).
 
-    if dtype not in TOLERANCE:
+    `verify`: check the written directory against the checkpoint before it is put in place; the quality part
+    scores validation tokens of `data_dir` (default: the run's data directory in nitp_meta.json)."""
+    if dtype not in DTYPES:
         raise NITPError(f"--dtype {dtype!r} is not supported for export; use bf16 or fp32")
     ckpt = resolve_checkpoint(src, require_meta=False)  # without nitp_meta.json: refused below, naming the fix
     meta = read_meta(ckpt)
@@ -55,39 +52,21 @@ def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", 
     tokenizer = tokenizer_dir or meta.get("tokenizer_dir")
     if tokenizer:
         _check_tokenizer_dir(Path(tokenizer))  # before the conversion, not after it
+    world = check_checkpoint_files(ckpt)
     final, tmp = prepare_output(out, force)
     try:
-        consolidated = tmp / ".consolidated"
-        convert_checkpoint(ckpt, consolidated, to="safetensors", dtype="fp32", show_progress=show_progress)
-        config = hf_config_object(meta["hf_config"])
-        model = load_consolidated(consolidated, config)
-        reference_logits = _logits(model, config) if verify else None
-
-        config.use_cache = True
-        config.output_router_logits = False
-        config.architectures = [type(model).__name__]
-        model.config = config
-        model.generation_config = GenerationConfig.from_model_config(config)
-        rounded_logits = reference_logits
-        if dtype == "bf16":
-            if verify:
-                _round_state_to(model, torch.bfloat16)  # params and persistent buffers, as save_pretrained writes them
-                rounded_logits = _logits(model, config)
-            model = model.to(torch.bfloat16)
-        model.config.dtype = "bfloat16" if dtype == "bf16" else "float32"
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        if not (tmp / "generation_config.json").is_file():
-            model.generation_config.save_pretrained(tmp)
-        del model
-        shutil.rmtree(consolidated)
-
+        partitions = ZeroCheckpoint(ckpt, world)
+        model_type = infer_model_type(meta, partitions)
+        config = write_config(tmp, meta["hf_config"], dtype)
+        write_safetensors(partitions, tmp, model_type=model_type, dtype=DTYPES[dtype], meta=meta,
+                          max_shard_bytes=max_shard_size, include_head=False, on_disk=saved_format(config),
+                          show_progress=show_progress)
         if tokenizer:
             _copy_tokenizer(Path(tokenizer), tmp)
-
         result = ExportResult(final, meta.get("step"))
         if verify:
-            (result.max_abs_diff, result.tolerance, result.max_abs_drift,
-             result.drift_tolerance) = verify_export(tmp, rounded_logits, reference_logits, dtype)
+            result.verification = _verify(partitions, tmp, config=config, model_type=model_type, dtype=dtype,
+                                          data_dir=data_dir or meta.get("data_dir"), warn=warn)
         commit_output(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,59 +74,103 @@ def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", 
     return result
 
 
-def load_consolidated(directory: Path, config) -> torch.nn.Module:
-    """The stock HF model (fp32) with the consolidated weights of `convert_checkpoint`, loaded strictly."""
-    from safetensors.torch import load_file
+def write_config(directory: Path, hf_config: dict, dtype: str):
+    """config.json (for inference: cache on, router logits off, the architecture named) and generation_config.json."""
+    from transformers import GenerationConfig
+
+    config = hf_config_object(hf_config)
+    config.use_cache = True
+    config.output_router_logits = False
+    config.architectures = [type(meta_model(config)).__name__]
+    config.dtype = "bfloat16" if dtype == "bf16" else "float32"
+    config.save_pretrained(directory)
+    GenerationConfig.from_model_config(config).save_pretrained(directory)
+    return config
+
+
+def saved_format(config) -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """(name, tensor) of the model in memory → the tensors `save_pretrained` stores for it. transformers 5 fuses
+    the experts on load (`experts.gate_up_proj` [E, 2I, H]) and splits them again on save
+    (`experts.{e}.gate_proj.weight`, ...), the format other tools read; its own `revert_weight_conversion` does
+    the split, here for one tensor at a time."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = meta_model(config)
+    return lambda name, tensor: list(revert_weight_conversion(model, {name: tensor}).items())
+
+
+def verify_export(src: str | Path, directory: str | Path, *, data_dir: str | Path | None = None,
+                  warn: Callable[[str], None] = print) -> Verification:
+    """Checks an exported directory (its dtype from its config.json) against the checkpoint `src` it came from:
+    what `export --verify` does before putting the directory in place."""
+    import json
+
+    ckpt = resolve_checkpoint(src, require_meta=False)
+    meta = read_meta(ckpt)
+    if not meta.get("hf_config"):
+        raise NITPError(f"{ckpt / META} is missing or has no hf_config; verification needs the checkpoint's config")
+    directory = Path(directory)
+    saved = json.loads((directory / "config.json").read_text()).get("dtype")
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(saved)
+    if dtype is None:
+        raise NITPError(f"{directory / 'config.json'} has dtype {saved!r}; only bf16 and fp32 exports can be verified")
+    partitions = ZeroCheckpoint(ckpt, check_checkpoint_files(ckpt))
+    return _verify(partitions, directory, config=hf_config_object(meta["hf_config"]),
+                   model_type=infer_model_type(meta, partitions), dtype=dtype,
+                   data_dir=data_dir or meta.get("data_dir"), warn=warn)
+
+
+def _verify(partitions: ZeroCheckpoint, directory: Path, *, config, model_type: str, dtype: str,
+            data_dir: str | Path | None, warn: Callable[[str], None]) -> Verification:
+    """(a) every exported tensor is the checkpoint's, rounded; (b) the model from_pretrained loads scores like the
+    checkpoint's fp32 weights. Raises one line naming what differs."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(directory.glob("model*.safetensors")):
-        state.update(load_file(path))
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
-        raise NITPError(f"the converted weights do not fit {type(model).__name__}: {' '.join(first)}") from None
+    plan = [t for t in plan_hf_tensors(partitions, model_type) if not t.name.startswith(HEAD_PREFIX)]
+
+    def checkpoint_tensors():
+        return ((item.name, tensor) for item, tensor in iter_hf_tensors(partitions, plan))
+
+    on_disk = saved_format(config)
+    stored = (pair for name, tensor in checkpoint_tensors() for pair in on_disk(name, tensor))
+    tensors = check_tensors(stored, directory, DTYPES[dtype])
+    batches, source = evaluation_batches(config, data_dir, warn)
+    # Not bound to a name here: compare_quality frees the checkpoint's model before it loads the export.
+    quality = compare_quality(hf_model_from_tensors(config, checkpoint_tensors()), DTYPES[dtype],
+                              lambda: AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                                           dtype=torch.float32), batches)
+    return judge(dtype, tensors, source, quality)
+
+
+def hf_model_from_tensors(config, tensors: Iterable[tuple[str, torch.Tensor]],
+                          dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The stock HF model of `config` in `dtype`, its weights copied in one (name, tensor) at a time: every
+    parameter and persistent buffer exactly once (tied output embeddings from the input ones), or one line
+    naming the first that is missing or unknown."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    targets = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
+        targets.pop("lm_head.weight", None)
+    missing = set(targets)
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name not in missing:
+                raise NITPError(f"weight '{name}' is {'given twice' if name in targets else 'not in'} the "
+                                f"{type(model).__name__} of this config; the weights do not match the config")
+            if tuple(tensor.shape) != tuple(targets[name].shape):
+                raise NITPError(f"weight '{name}' has shape {tuple(tensor.shape)}, {type(model).__name__} expects "
+                                f"{tuple(targets[name].shape)}; the weights do not match the config")
+            targets[name].copy_(tensor)
+            missing.discard(name)
+    if missing:
+        raise NITPError(f"{len(missing)} weight(s) of {type(model).__name__} are missing, e.g. "
+                        f"'{sorted(missing)[0]}'; the weights are incomplete")
+    if tied:
+        model.tie_weights()
     return model.eval()
-
-
-def _round_state_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.to(dtype))
-
-
-def fixed_batch(vocab_size: int, rows: int = 2, length: int = 32) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model: torch.nn.Module, config) -> torch.Tensor:
-    with torch.no_grad():
-        return model(fixed_batch(config.vocab_size)).logits.float()
-
-
-def verify_export(directory: Path, rounded_logits: torch.Tensor, reference_logits: torch.Tensor,
-                  dtype: str) -> tuple[float, float, float, float]:
-    """Reloads `directory` with from_pretrained; returns (diff, tolerance, drift, drift tolerance) or raises."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32).eval()
-    logits = _logits(model, model.config)
-    diff = float((logits - rounded_logits).abs().max())
-    drift = float((logits - reference_logits).abs().max())
-    drift_tolerance = DRIFT_TOLERANCE[dtype] * (1.0 if dtype == "fp32" else
-                                                max(1.0, float(reference_logits.abs().max())))
-    if not diff <= EXACT_TOLERANCE:
-        raise NITPError(f"export verification failed: max |logits difference| {diff:.3g} exceeds {EXACT_TOLERANCE:g} "
-                        f"against the same {dtype} weights; the exported tensors are misplaced or corrupt")
-    if not drift <= drift_tolerance:
-        raise NITPError(f"export verification failed: {dtype} logits drift {drift:.3g} from the fp32 checkpoint, "
-                        f"beyond {drift_tolerance:.3g}; export in fp32 instead")
-    return diff, EXACT_TOLERANCE, drift, drift_tolerance
 
 
 def _check_tokenizer_dir(source: Path) -> None:
