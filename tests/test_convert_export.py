@@ -373,7 +373,10 @@ def test_convert_peak_memory_is_one_layer_not_the_model(data, tmp_path):
           f"(+{grown / 2**20:.1f} MiB)")
     assert measured["weights"] > 90 * 2**20
     assert grown < measured["weights"] / 2  # ds_to_universal's way took ~5.8x the weights
-    assert grown < 3 * largest + 24 * 2**20  # what it holds: a fused expert tensor, one of its halves, a constant
+    # What it holds: the fused expert tensor, a half being read, DeepSpeed's copy of that half in its placement
+    # map and the half's pages; glibc keeps freed blocks of a few MiB for reuse (measured +33-36 MiB, flat from the
+    # third layer to the sixteenth). Tensors above 32 MiB are returned at once: 2x at the shape.
+    assert grown < 6 * largest + 16 * 2**20
 
 
 # -- which checkpoint a path names: one resolution for resume, convert and export ------------------------
