@@ -132,7 +132,9 @@ class ZeroCheckpoint:
         return [*self.shapes, *(n for n in self.buffers if n not in self.shapes)]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.buffers[name].shape) if name in self.buffers and name not in self.shapes else self.shapes[name]
+        if name in self.shapes:
+            return self.shapes[name]
+        return tuple(self.buffers[name].shape)
 
     def is_expert(self, name: str) -> bool:
         return name in self.experts

@@ -213,12 +213,14 @@ def judge(dtype: str, tensors: int, data: str, quality: dict[str, float]) -> Ver
                           loss_bound(dtype, quality["loss_checkpoint"]))
     if not result.loaded_difference <= LOADED_BOUND:
         raise NITPError(f"export verification failed: the model transformers loads from the export is not the "
-                        f"checkpoint's: its next-token log-probabilities differ by up to {result.loaded_difference:.3g} "
-                        f"(> {LOADED_BOUND:g}) from the same {dtype} weights on {result.tokens} tokens of {data}; its "
-                        "tensors are right, so check config.json against nitp_meta.json's hf_config")
+                        f"checkpoint's: its next-token log-probabilities differ by up to "
+                        f"{result.loaded_difference:.3g} (> {LOADED_BOUND:g}) from the same {dtype} weights on "
+                        f"{result.tokens} tokens of {data}; its tensors are right, so check config.json against "
+                        "nitp_meta.json's hf_config")
     diff = abs(result.loss_export - result.loss_checkpoint)
     if not diff <= result.loss_bound:
-        raise NITPError(f"export verification failed: next-token loss {result.loss_export:.4f} in {dtype} against the "
-                        f"checkpoint's {result.loss_checkpoint:.4f} in fp32 (|diff| {diff:.3g} > {result.loss_bound:.3g}, "
-                        f"4 x the {dtype} unit roundoff x loss) on {result.tokens} tokens of {data}; export in fp32")
+        raise NITPError(f"export verification failed: next-token loss {result.loss_export:.4f} in {dtype} against "
+                        f"the checkpoint's {result.loss_checkpoint:.4f} in fp32 (|diff| {diff:.3g} > "
+                        f"{result.loss_bound:.3g}, 4 x the {dtype} unit roundoff x loss) on {result.tokens} tokens of "
+                        f"{data}; export in fp32")
     return result
