@@ -361,8 +361,11 @@ def test_convert_peak_memory_is_one_layer_not_the_model(data, tmp_path):
     result = runs.train(data, run_dir, nproc=1, **MANY_LAYERS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     tag = run_dir / "checkpoints" / "global_step1"
+    # glibc's mmap threshold otherwise rises to 32 MiB and keeps freed blocks below it for reuse (+28-36 MiB here,
+    # flat with depth, and varying): fixed, the peak is what convert holds.
     child = subprocess.run([sys.executable, "-c", CONVERT_IN_A_CHILD, str(tag), str(tmp_path / "st")],
-                           capture_output=True, text=True, env=runs.child_env(), cwd=runs.REPO)
+                           capture_output=True, text=True, env=runs.child_env(MALLOC_MMAP_THRESHOLD_="131072"),
+                           cwd=runs.REPO)
     assert child.returncode == 0, child.stderr[-3000:]
     measured = json.loads(child.stdout.strip().splitlines()[-1])
     partitions = ZeroCheckpoint(tag, world=1)
@@ -372,11 +375,10 @@ def test_convert_peak_memory_is_one_layer_not_the_model(data, tmp_path):
           f"baseline {measured['baseline'] / 2**20:.0f} MiB, peak {measured['peak'] / 2**20:.0f} MiB "
           f"(+{grown / 2**20:.1f} MiB)")
     assert measured["weights"] > 90 * 2**20
-    assert grown < measured["weights"] / 2  # ds_to_universal's way took ~5.8x the weights
-    # What it holds: the fused expert tensor, a half being read, DeepSpeed's copy of that half in its placement
-    # map and the half's pages; glibc keeps freed blocks of a few MiB for reuse (measured +33-36 MiB, flat from the
-    # third layer to the sixteenth). Tensors above 32 MiB are returned at once: 2x at the shape.
-    assert grown < 6 * largest + 16 * 2**20
+    assert grown < measured["weights"] / 4  # ds_to_universal's way took ~5.8x the weights
+    # What it holds (measured +16 MiB): the fused expert tensor, a half being read, DeepSpeed's copy of that half in
+    # its placement map, the half's pages, and a few MiB of bookkeeping.
+    assert grown < 4 * largest + 8 * 2**20
 
 
 # -- which checkpoint a path names: one resolution for resume, convert and export ------------------------
