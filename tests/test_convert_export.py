@@ -21,6 +21,7 @@ import torch
 import runs
 from nitp_ds.checkpoint.convert import convert_checkpoint
 from nitp_ds.checkpoint.export import export_checkpoint, verify_export
+from nitp_ds.checkpoint.integrity import FILES_KEY, file_record
 from nitp_ds.checkpoint.partitions import ZeroCheckpoint
 from nitp_ds.checkpoint.state import META, resolve_checkpoint
 from nitp_ds.checkpoint.verify import exported_tensor_files
@@ -116,6 +117,9 @@ def scale_parameter(tag_dir, name: str, factor: float) -> None:
         with torch.no_grad():  # the saved flat groups are leaf tensors that require grad
             state["optimizer_state_dict"]["fp32_flat_groups"][piece.sub_group][piece.offset:][:piece.numel] *= factor
         torch.save(state, path)
+    meta = json.loads((tag_dir / META).read_text())  # the file's new size and CRC-32, as a save would record them
+    meta[FILES_KEY].update({path.name: file_record(path) for path in partitions.optim_files.values()})
+    (tag_dir / META).write_text(json.dumps(meta))
 
 
 @pytest.fixture
