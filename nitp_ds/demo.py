@@ -17,9 +17,10 @@ import os
 import pkgutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nitp_ds.errors import NITPError
+from nitp_ds.files import replace_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that are not documentation, or that act when imported (`this` prints, `antigravity` opens a browser,
@@ -48,9 +50,14 @@ def build_corpus(path: Path, max_documents: int | None = None) -> int:
     Language Reference topics that `help()` shows (`pydoc_data.topics`). The same Python gives the
     same bytes.
     """
+    return write_documents(path, stdlib_documents(), max_documents)
+
+
+def write_documents(path: Path, texts: Iterable[str], max_documents: int | None = None) -> int:
+    """Write `texts` to `path` as JSONL, one `{"text": ...}` per line, at most `max_documents`; returns the count."""
     written = 0
     with path.open("w") as out:
-        for text in stdlib_documents():
+        for text in texts:
             out.write(json.dumps({"text": text}) + "\n")
             written += 1
             if max_documents is not None and written >= max_documents:
@@ -59,20 +66,37 @@ def build_corpus(path: Path, max_documents: int | None = None) -> int:
 
 
 def stdlib_documents() -> Iterator[str]:
-    seen: set[str] = set()
-    for module in _stdlib_modules():
-        for obj in _documented_objects(module):
-            try:
-                doc = inspect.getdoc(obj)
-            except Exception:  # noqa: BLE001 - a few objects' __doc__ raise
-                continue
-            if doc and len(doc) >= MIN_DOC_CHARS and doc not in seen:
-                seen.add(doc)
-                yield doc
+    objects = (obj for module in _stdlib_modules() for obj in _documented_objects(module))
+    yield from docstrings(objects, MIN_DOC_CHARS)
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
         yield topics[name].strip()
+
+
+def module_documents(names: Iterable[str], min_chars: int) -> Iterator[str]:
+    """The docstrings of the public functions and classes defined or imported at the top of the named modules
+    (no submodules, no methods): a small corpus, e.g. the tests' (tests/runs.py)."""
+    def objects() -> Iterator[Any]:
+        for name in names:
+            for attr, obj in sorted(vars(importlib.import_module(name)).items()):
+                if not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)):
+                    yield obj
+
+    yield from docstrings(objects(), min_chars)
+
+
+def docstrings(objects: Iterable[Any], min_chars: int) -> Iterator[str]:
+    """Each object's docstring of at least `min_chars` characters, each text once, in the objects' order."""
+    seen: set[str] = set()
+    for obj in objects:
+        try:
+            doc = inspect.getdoc(obj)
+        except Exception:  # noqa: BLE001 - a few objects' __doc__ raise
+            continue
+        if doc and len(doc) >= min_chars and doc not in seen:
+            seen.add(doc)
+            yield doc
 
 
 def _stdlib_modules() -> list[ModuleType]:
@@ -146,9 +170,7 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
     if out.exists() and any(out.iterdir()) and not force:
         raise NITPError(f"demo output {out} already exists; pass --force to replace it or --out another directory")
     if out.exists() and force:
-        import shutil
-
-        shutil.rmtree(out)
+        replace_dir(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")), out)  # an empty `out`
     out.mkdir(parents=True, exist_ok=True)
     steps = steps if steps is not None else (12 if quick else 300)
     timings: dict[str, float] = {}

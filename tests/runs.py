@@ -6,8 +6,6 @@ dominates; `TINY` holds those overrides, and every test passes its own on top.
 
 from __future__ import annotations
 
-import inspect
-import importlib
 import json
 import os
 import re
@@ -17,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nitp_ds.demo import module_documents, write_documents
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIG = REPO / "ds_configs" / "zero3_moe_cpu.json"
@@ -36,18 +36,8 @@ STDLIB_MODULES = ["os", "json", "re", "collections", "itertools", "functools", "
 
 
 def write_corpus(path: Path, limit: int = 300) -> Path:
-    """A small learnable corpus: docstrings of standard-library functions and classes, one per line."""
-    docs: list[str] = []
-    for name in STDLIB_MODULES:
-        for attr, obj in sorted(vars(importlib.import_module(name)).items()):
-            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 80 and doc not in docs:
-                docs.append(doc)
-    with path.open("w") as handle:
-        for doc in docs[:limit]:
-            handle.write(json.dumps({"text": doc}) + "\n")
+    """A small learnable corpus: docstrings (over 80 characters) of standard-library functions and classes."""
+    write_documents(path, module_documents(STDLIB_MODULES, min_chars=81), max_documents=limit)
     return path
 
 
