@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from nitp_ds.losses import (chunked_cross_entropy, cross_entropy_per_row, nitp_loss, router_losses,
                             use_compiled_loss)
 from nitp_ds.models import experts_per_token
+from nitp_ds.models.families import AUTOEP_ROUTER, family_of
 
 
 class SwiGLUHead(nn.Module):
@@ -145,15 +146,23 @@ class NITPModel(nn.Module):
 
 
 def router_modules(lm: nn.Module) -> list[nn.Module]:
-    """The modules whose output is the router logits, one per MoE layer (Hugging Face or AutoEP)."""
+    """The modules whose output is the router logits, one per MoE layer (Hugging Face or AutoEP); the family
+    table names them."""
+    family = family_of(lm.config.model_type)
     found = []
     for layer in lm.model.layers:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            continue
-        router = getattr(mlp, "router", None)
-        if router is not None and hasattr(router, "gate"):  # AutoEP: mlp.router.gate is the linear
-            found.append(router.gate)
-        elif hasattr(mlp, "gate") and hasattr(mlp, "experts"):  # Hugging Face: mlp.gate returns logits first
-            found.append(mlp.gate)
+        autoep = _submodule(layer, AUTOEP_ROUTER)
+        if autoep is not None:
+            found.append(autoep)
+        elif hasattr(getattr(layer, "mlp", None), "experts"):  # a dense layer (DeepSeek's first) has no router
+            hf = _submodule(layer, family.router_module)
+            if hf is not None:
+                found.append(hf)
     return found
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None

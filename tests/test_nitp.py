@@ -5,7 +5,8 @@ import torch
 
 from nitp_ds.config import ModelConfig
 from nitp_ds.models import build_model
-from nitp_ds.nitp import NITPModel
+from nitp_ds.models.families import FAMILY_NAMES
+from nitp_ds.nitp import NITPModel, router_modules
 
 SHAPE = ModelConfig(hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, num_experts=4,
                     experts_per_token=2, moe_intermediate_size=16, intermediate_size=64)
@@ -136,3 +137,19 @@ def test_target_layer_zero_is_the_embedding_output():
     model.attach_hooks()
     model(x, y)
     torch.testing.assert_close(captured[0], model.lm.model.embed_tokens(x))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_router_modules_are_the_family_routers_one_per_moe_layer(family):
+    # The family table names the router; each module found returns (first) one logit per routed expert.
+    shape = ModelConfig(family=family, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=4,
+                        experts_per_token=2, moe_intermediate_size=16, intermediate_size=64)
+    model = build_model(shape, vocab_size=64)
+    moe_layers = [layer for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    routers = router_modules(model)
+    assert len(routers) == len(moe_layers) >= 2  # DeepSeek's first layer is dense, without a router
+    logits = []
+    for router in routers:
+        router.register_forward_hook(lambda module, args, out: logits.append(out[0] if isinstance(out, tuple) else out))
+    model(batch()[0])
+    assert len(logits) == len(routers) and all(x.shape[-1] == 4 for x in logits)

@@ -1,10 +1,10 @@
 """What nitp-ds knows about each model family, in one table: one `Family` entry per Hugging Face MoE class.
 
 An entry says which Hugging Face class and `model_type` it is, how the recipe's shape fields map onto the
-family's config keys, which AutoEP preset serves it, which config key counts the routed experts, and how
-AutoEP's parameter names map back onto the Hugging Face ones (read by `nitp convert`). The config, the
-ds_config, the FLOP counter and the model builder all read this table. It imports neither torch nor
-transformers: `nitp_ds.config` reads the family names from here at start-up.
+family's config keys, which AutoEP preset serves it, which config key counts the routed experts, which module
+is the router, and how AutoEP's parameter names map back onto the Hugging Face ones (read by `nitp convert`).
+The config, the ds_config, the FLOP counter, the model builder and NITPModel's router hooks all read this
+table. It imports neither torch nor transformers: `nitp_ds.config` reads the family names from here at start-up.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ MOE_LAYER_PATTERN = r"lm\.model\.layers\.\d+\.mlp"
 # (AutoEP suffix, Hugging Face suffix) of single tensors, in every family; the fused expert pair
 # (AutoEP's w1/w3 ↔ Hugging Face's gate_up_proj) is handled apart by `nitp convert`. The routers are the
 # modules these names live in: AutoEP's `mlp.router.gate` (a linear) and Hugging Face's `mlp.gate`.
+# The module whose output is the router logits, under a decoder layer whose MoE block AutoEP has replaced
+# (a linear); a Hugging Face block's router is the family's `router_module` (its output's first part).
+AUTOEP_ROUTER = "mlp.router.gate"
+
 AUTOEP_RENAMES: list[tuple[str, str]] = [
     (".mlp.router.gate.weight", ".mlp.gate.weight"),
     (".mlp.router.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),
@@ -39,6 +43,7 @@ class Family:
     shape_keys: Callable[[ModelConfig], dict[str, Any]]  # recipe shape -> family-specific HF config keys
     num_experts_key: str  # the HF config key holding the number of routed experts
     autoep_renames: list[tuple[str, str]] = field(default_factory=list)  # family-only, on top of AUTOEP_RENAMES
+    router_module: str = "mlp.gate"  # the Hugging Face MoE block's router, under a decoder layer
 
 
 def _qwen3_moe(m: ModelConfig) -> dict[str, Any]:
