@@ -175,6 +175,7 @@ class Trainer:
                    "skipped_steps": self.state.skipped_steps, "first_loss_ntp": self.first_loss, **self.state.last,
                    **final_eval, "run_dir": str(self.run_dir),
                    "phases": self.phases.summary(self.checkpoints.save_seconds, self.checkpoints.final_save_seconds)}
+        summary["step"] = self.state.step  # the last logged record's own "step" may be older (logging.every > 1)
         if self.is_main:
             ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary

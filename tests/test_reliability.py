@@ -175,11 +175,12 @@ def test_sigterm_to_launcher_with_two_ranks_saves_exits_0_and_restart_finishes(d
 
 def test_sigint_with_one_process_saves_and_exits_0(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = runs.start(data, run_dir, **{"train.steps": 200, "checkpoint.every": 0})
-    runs.wait_until(lambda: runs.logged_step(run_dir) >= 2, proc)
+    # Logged every 3 steps: the summary's step is the step the run stopped at, not the last logged one.
+    proc = runs.start(data, run_dir, **{"train.steps": 200, "checkpoint.every": 0, "logging.every": 3})
+    runs.wait_until(lambda: runs.logged_step(run_dir) >= 3, proc)
     assert runs.stop(proc, signal.SIGINT) == 0, (run_dir.parent / "run.log").read_text()[-3000:]
     stopped = runs.summary(run_dir)
-    assert stopped["status"] == "preempted"
+    assert stopped["status"] == "preempted" and stopped["step"] >= runs.logged_step(run_dir)
     assert runs.complete(run_dir, stopped["step"]) and runs.latest(run_dir) == f"global_step{stopped['step']}"
 
 
