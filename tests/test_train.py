@@ -25,7 +25,7 @@ def records(run_dir, kind="train"):
 def test_training_lowers_ntp_and_nitp_losses(data, tmp_path, nproc):
     run = tmp_path / "run"
     result = train(data, run, nproc=nproc, **{"train.steps": 32, "checkpoint.every": 16, "logging.every": 4,
-                                               "train.eval_every": 16, "optim.lr": 0.01})
+                                               "train.eval_every": 16, "optim.lr": 0.01, "checkpoint.keep_last": 1})
     assert result.returncode == 0, result.stderr[-3000:]
     logged = records(run)
     assert [r["step"] for r in logged] == list(range(4, 33, 4))
@@ -38,6 +38,8 @@ def test_training_lowers_ntp_and_nitp_losses(data, tmp_path, nproc):
     assert ds["expert_parallel"]["autoep_size"] == nproc
     assert ds["zero_optimization"]["stage"] == 3
     assert (run / "checkpoints" / "latest").read_text() == "global_step32"
+    # checkpoint.keep_last 1: the step-16 checkpoint was pruned once step 32's was complete
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["global_step32"]
     files = sorted(p.name for p in (run / "checkpoints" / "global_step32").iterdir())
     assert sum(f.endswith("model_states.pt") for f in files) == nproc
     assert "nitp_meta.json" in files
