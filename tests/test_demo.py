@@ -1,5 +1,7 @@
 """`nitp demo --quick`: the README's main job, end to end."""
 
+import json
+import math
 import subprocess
 import sys
 
@@ -23,6 +25,24 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out / "hf", local_files_only=True)
     assert model.config.vocab_size >= len(tokenizer)
     assert (out / "eval.json").is_file()
+
+    # What README's demo paragraph promises of the quick run: its five stages, a training run that lowers the
+    # next-token loss, and a summary with the train loss first -> last, the validation loss and perplexity,
+    # effective rank and anisotropy, tokens/s, where each output is and the time of each stage.
+    for stage in ("1/5 corpus", "2/5 tokenizer + prepare-data", "3/5 train", "4/5 export", "5/5 load"):
+        assert stage in result.stdout
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 12  # --quick: 12 steps
+    assert summary["loss/ntp"] < summary["first_loss_ntp"]
+    assert f"{summary['first_loss_ntp']:.3f} → {summary['loss/ntp']:.3f}" in result.stdout
+    metrics = json.loads((out / "eval.json").read_text())
+    assert all(math.isfinite(metrics[key]) for key in ("val/loss_ntp", "val/ppl", "geometry/effective_rank",
+                                                        "geometry/anisotropy"))
+    assert f"{metrics['val/loss_ntp']:.3f} / {metrics['val/ppl']:.1f}" in result.stdout
+    for row in ("effective rank / anisotropy", "tokens/s", "export logits max |Δ|", "corpus", "time"):
+        assert row in result.stdout
+    assert (out / "corpus.jsonl").is_file() and (out / "data").is_dir() and (out / "run" / "checkpoints").is_dir()
+    assert f"nitp plot {out / 'run'}" in result.stdout  # the next commands to try
 
 
 def test_demo_refuses_an_existing_output(tmp_path):
