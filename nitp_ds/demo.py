@@ -17,7 +17,6 @@ import os
 import pkgutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -170,7 +169,9 @@ def run_demo(out: str | Path = "nitp-demo", *, steps: int | None = None, quick: 
     if out.exists() and any(out.iterdir()) and not force:
         raise NITPError(f"demo output {out} already exists; pass --force to replace it or --out another directory")
     if out.exists() and force:
-        replace_dir(Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")), out)  # an empty `out`
+        empty = out.parent / f".{out.name}.new-{os.getpid()}"  # mkdir, not mkdtemp: the usual permissions
+        empty.mkdir()
+        replace_dir(empty, out)
     out.mkdir(parents=True, exist_ok=True)
     steps = steps if steps is not None else (12 if quick else 300)
     timings: dict[str, float] = {}
