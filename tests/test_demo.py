@@ -39,7 +39,7 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     assert all(math.isfinite(metrics[key]) for key in ("val/loss_ntp", "val/ppl", "geometry/effective_rank",
                                                         "geometry/anisotropy"))
     assert f"{metrics['val/loss_ntp']:.3f} / {metrics['val/ppl']:.1f}" in result.stdout
-    for row in ("effective rank / anisotropy", "tokens/s", "export logits max |Δ|", "corpus", "time"):
+    for row in ("effective rank / anisotropy", "tokens/s", "export verified: KL, top-1", "corpus", "time"):
         assert row in result.stdout
     assert (out / "corpus.jsonl").is_file() and (out / "data").is_dir() and (out / "run" / "checkpoints").is_dir()
     assert f"nitp plot {out / 'run'}" in result.stdout  # the next commands to try
