@@ -187,10 +187,17 @@ def moved_on_copy(run_dir, dst, step: int, samples: int):
         if int(later.name.removeprefix("global_step")) > step:
             shutil.rmtree(later)
     (checkpoints / "latest").write_text(f"global_step{step}")
-    for states in (checkpoints / f"global_step{step}").glob("*model_states.pt"):
+    from nitp_ds.checkpoint.integrity import FILES_KEY, META, file_record
+
+    tag_dir = checkpoints / f"global_step{step}"
+    meta = json.loads((tag_dir / META).read_text())
+    for states in tag_dir.glob("*model_states.pt"):
         saved = torch.load(states, weights_only=False)
         saved["loader"]["global_samples"] += samples
         torch.save(saved, states)
+        if states.name in meta.get(FILES_KEY, {}):  # the edit is deliberate: record the file as it now is
+            meta[FILES_KEY][states.name] = file_record(states)
+    (tag_dir / META).write_text(json.dumps(meta))
     return dst
 
 
