@@ -79,6 +79,7 @@ def main() -> None:
     if trainer.is_main:
         Path(out_json).write_text(json.dumps(everyone, indent=1))
     distributed.leave_process_group(barrier=True)
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,17 @@ def _register_commands() -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    from nitp_ds.distributed import exit_process
+
+    exit_process(code)
+
+
+def _main() -> None:
     _register_commands()
     try:
         # Without standalone mode click returns (not raises) the code of a `typer.Exit`, e.g. the launcher's.

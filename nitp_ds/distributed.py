@@ -63,8 +63,37 @@ def start_process_group() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(world()[2])  # object collectives on NCCL use the current device
+    global _group_started
     with third_party_prints_hidden():  # DeepSpeed prints a line when it loads its CPU communication op
         comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    _group_started = True
+
+
+_group_started = False
+
+
+def exit_process(code: int | str | None) -> None:
+    """End the process with `code` (as `sys.exit` takes it).
+
+    A process that joined a process group ends with `os._exit` once its output is flushed: the group's native
+    threads can abort the interpreter's own shutdown ("terminate called without an active exception",
+    SIGABRT), which now and then turned a clean exit 2 into 250 (seen in CI and in the demo). Every file the toolkit writes is
+    closed by then (runs end in `Trainer.run`'s `finally`), so nothing is lost.
+    """
+    import sys
+
+    if not _group_started:
+        if code not in (None, 0):
+            sys.exit(code)
+        return
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 # -- agreeing on errors -----------------------------------------------------------------------------------

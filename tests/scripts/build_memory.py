@@ -16,7 +16,7 @@ import torch
 
 from nitp_ds.build import build_nitp_model, build_optimizer, build_schedule, seed_everything
 from nitp_ds.config import load_config
-from nitp_ds.distributed import ensure_dist_env, start_process_group
+from nitp_ds.distributed import ensure_dist_env, exit_process, start_process_group
 from nitp_ds.ds_config import load_ds_config
 from nitp_ds.engine import build_engine
 from nitp_ds.models import build_model
@@ -95,3 +95,4 @@ if dist.get_rank() == 0:
 if engine is not None:
     engine.destroy()
 dist.destroy_process_group()
+exit_process(0)  # past the group's native threads, which can abort the interpreter's own exit

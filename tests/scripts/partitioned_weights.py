@@ -19,7 +19,7 @@ from nitp_ds.models import FAMILIES, build_model, load_pretrained_config, num_ex
 from nitp_ds.models.partitioned import build_partitioned_model, construction, gathered, initialize_module
 from nitp_ds.nitp import NITPModel, init_head
 from nitp_ds.build import seed_everything
-from nitp_ds.distributed import ensure_dist_env, start_process_group
+from nitp_ds.distributed import ensure_dist_env, exit_process, start_process_group
 
 SHAPE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2,
              moe_intermediate_size=16, intermediate_size=48, max_seq_len=64)
@@ -72,3 +72,4 @@ if dist.get_rank() == 0:
     merged = {case: sorted({name for rank in everyone for name in rank[case]}) for case in results}
     print("RESULTS " + json.dumps({"world_size": dist.get_world_size(), "cases": merged}), flush=True)
 dist.destroy_process_group()
+exit_process(0)  # past the group's native threads, which can abort the interpreter's own exit
