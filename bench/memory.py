@@ -13,10 +13,10 @@ On a machine without a GPU the runs use DS_ACCELERATOR=cpu (gloo) and ds_configs
 Largest model (`--find-largest`): grows model.num_layers of one shape (`--set` picks it; the default is
 shape A of the GPU benchmark) until a run of two steps fails, starting from the plan's largest fitting
 count and stepping by ~15% (at most --max-tries runs of --timeout seconds each, no checkpoint save); prints
-the largest that trained with its measured peak and its estimate. Each try builds the whole model in fp32
-on the host first (minutes for billions of parameters until the build is partitioned):
+the largest that trained with its measured peak and its estimate (`--layers` sets the first try). Each try
+initialises every weight on the host, one module at a time (a minute or more for billions of parameters):
 
-    python bench/memory.py --find-largest [--ds-config ds_configs/zero3_moe_offload.json] [--nproc 1]
+    python bench/memory.py --find-largest [--ds-config ds_configs/zero3_moe_offload.json] [--nproc 1] [--layers N]
 """
 
 from __future__ import annotations
@@ -204,14 +204,17 @@ def find_largest(args, data: Path, tmp: Path) -> None:
         need = plan.device if plan.settings.on_gpu else plan.host
         return need <= capacity
 
-    guess = int(base["model.num_layers"])
-    while fits(guess * 2) and guess < 4096:
-        guess *= 2
-    low, high = guess, guess * 2
-    while high - low > 1:  # the plan's largest fitting count
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    print(f"plan: largest fitting model.num_layers ≈ {low}", flush=True)
+    if args.layers:
+        low = args.layers  # the first try, chosen by the caller (e.g. from --print-config's plan)
+    else:
+        guess = int(base["model.num_layers"])
+        while fits(guess * 2) and guess < 4096:
+            guess *= 2
+        low, high = guess, guess * 2
+        while high - low > 1:  # the plan's largest fitting count
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        print(f"plan: largest fitting model.num_layers ≈ {low}", flush=True)
 
     tried: dict[int, object] = {}
 
@@ -264,6 +267,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="per run; default 1800 s, 300 with --find-largest")
     parser.add_argument("--find-largest", action="store_true")
     parser.add_argument("--max-tries", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=None, help="--find-largest's first try (default: the plan's)")
     args = parser.parse_args()
     if args.timeout is None:
         args.timeout = 300 if args.find_largest else 1800
