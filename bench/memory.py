@@ -194,7 +194,9 @@ def find_largest(args, data: Path, tmp: Path) -> None:
     """Grow model.num_layers from the plan's guess until two steps no longer train."""
     from nitp_ds.memory import device_capacity, host_capacity
 
-    base = {**COMMON, **SHAPE_A, "train.steps": 2, **dict(s.split("=", 1) for s in args.set)}
+    # The trainer's own memory check is off: the tries go past the plan's largest to measure it.
+    base = {**COMMON, **SHAPE_A, "train.steps": 2, "train.memory_check": "false",
+            **dict(s.split("=", 1) for s in args.set)}
     nproc = args.nproc[0]
     capacity, _ = device_capacity()
     capacity = capacity or host_capacity() // nproc
