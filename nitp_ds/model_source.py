@@ -178,22 +178,18 @@ def load_language_model(path: Path, config, dtype: torch.dtype):
     if not files:
         raise NITPError(f"{path} has a model config but no model weights (*.safetensors); re-run `nitp convert` "
                         "or `nitp export`")
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    result = lm.load_state_dict(state, strict=False)
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and tied)]
-    if missing or result.unexpected_keys:
-        raise NITPError(f"weights in {path} do not match its config: {len(missing)} missing "
-                        f"(e.g. {missing[:1]}), {len(result.unexpected_keys)} unexpected "
-                        f"(e.g. {result.unexpected_keys[:1]}); re-run `nitp convert`")
-    if tied:
-        lm.tie_weights()
-    return lm
+    from nitp_ds.models import model_from_tensors
+
+    def tensors():  # one at a time, file by file
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+
+    return model_from_tensors(config, tensors(), dtype, source=str(path),
+                              fix="re-run `nitp convert` or `nitp export`")
 
 
 def load_head(head: torch.nn.Module, file: Path) -> None:

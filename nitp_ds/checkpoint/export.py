@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -23,6 +23,7 @@ from nitp_ds.checkpoint.convert import (DTYPES, HEAD_PREFIX, ZeroCheckpoint, che
 from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
 from nitp_ds.checkpoint.verify import Verification, check_tensors, compare_quality, evaluation_batches, judge
 from nitp_ds.errors import NITPError
+from nitp_ds.models import model_from_tensors
 
 MAX_SHARD_BYTES = 2 * 10**9  # save_pretrained's default "2GB"
 
@@ -136,41 +137,10 @@ def _verify(partitions: ZeroCheckpoint, directory: Path, *, config, model_type: 
     tensors = check_tensors(stored, directory, DTYPES[dtype])
     batches, source = evaluation_batches(config, data_dir, warn)
     # Not bound to a name here: compare_quality frees the checkpoint's model before it loads the export.
-    quality = compare_quality(hf_model_from_tensors(config, checkpoint_tensors()), DTYPES[dtype],
+    quality = compare_quality(model_from_tensors(config, checkpoint_tensors()), DTYPES[dtype],
                               lambda: AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
                                                                            dtype=torch.float32), batches)
     return judge(dtype, tensors, source, quality)
-
-
-def hf_model_from_tensors(config, tensors: Iterable[tuple[str, torch.Tensor]],
-                          dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The stock HF model of `config` in `dtype`, its weights copied in one (name, tensor) at a time: every
-    parameter and persistent buffer exactly once (tied output embeddings from the input ones), or one line
-    naming the first that is missing or unknown."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    targets = model.state_dict()
-    tied = getattr(config, "tie_word_embeddings", False)
-    if tied:
-        targets.pop("lm_head.weight", None)
-    missing = set(targets)
-    with torch.no_grad():
-        for name, tensor in tensors:
-            if name not in missing:
-                raise NITPError(f"weight '{name}' is {'given twice' if name in targets else 'not in'} the "
-                                f"{type(model).__name__} of this config; the weights do not match the config")
-            if tuple(tensor.shape) != tuple(targets[name].shape):
-                raise NITPError(f"weight '{name}' has shape {tuple(tensor.shape)}, {type(model).__name__} expects "
-                                f"{tuple(targets[name].shape)}; the weights do not match the config")
-            targets[name].copy_(tensor)
-            missing.discard(name)
-    if missing:
-        raise NITPError(f"{len(missing)} weight(s) of {type(model).__name__} are missing, e.g. "
-                        f"'{sorted(missing)[0]}'; the weights are incomplete")
-    if tied:
-        model.tie_weights()
-    return model.eval()
 
 
 def _check_tokenizer_dir(source: Path) -> None:

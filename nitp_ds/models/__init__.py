@@ -8,7 +8,7 @@ AutoEP's parameter names map back onto the Hugging Face ones (used by `nitp conv
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from nitp_ds.errors import NITPError
 from nitp_ds.models.families import FAMILIES, FAMILY_NAMES, Family, family_of  # noqa: F401 - the family table
@@ -84,6 +84,39 @@ def build_model(m: ModelConfig, vocab_size: int, dtype: torch.dtype | None = Non
     model.config.use_cache = False
     model.config.output_router_logits = False  # router logits are captured with hooks (nitp_ds.losses)
     return model
+
+
+def model_from_tensors(config, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None,
+                       *, source: str = "the weights", fix: str = "the weights do not match the config"):
+    """The stock HF model of `config` (float32 unless `dtype`), its weights copied in one (name, tensor) at a
+    time: every parameter and persistent buffer exactly once (tied output embeddings from the input ones),
+    or one line naming the first weight of `source` that is missing, unknown or misshapen, and `fix`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    kind = type(model).__name__
+    targets = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied:
+        targets.pop("lm_head.weight", None)
+    missing = set(targets)
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name not in missing:
+                raise NITPError(f"weight '{name}' of {source} is {'given twice' if name in targets else 'not in'} "
+                                f"the {kind} of its config; {fix}")
+            if tuple(tensor.shape) != tuple(targets[name].shape):
+                raise NITPError(f"weight '{name}' of {source} has shape {tuple(tensor.shape)}, the {kind} of its "
+                                f"config expects {tuple(targets[name].shape)}; {fix}")
+            targets[name].copy_(tensor)
+            missing.discard(name)
+    if missing:
+        raise NITPError(f"{source} lacks {len(missing)} weight(s) of the {kind} of its config, e.g. "
+                        f"'{sorted(missing)[0]}'; {fix}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
 
 
 def num_experts(config) -> int:
