@@ -71,37 +71,43 @@ def test_global_aux_loss_on_two_ranks_equals_one_rank_with_the_whole_batch(one_r
         assert column(two_ranks_global, key) == pytest.approx(column(one_rank_batch_4, key), **TOL), key
 
 
-def test_per_layer_zero3_fetch_gives_the_losses_of_per_module_fetches(data, tmp_path, two_ranks_global):
-    """`train.zero3_fetch=layer` (the default, one ZeRO-3 leaf per decoder layer) changes when parameters
-    are gathered, not what is computed: 2 ranks, ZeRO-3 + AutoEP, against DeepSpeed's per-module hooks."""
-    per_module = trained(data, tmp_path / "run", nproc=2, **BALANCED,
-                         **{"train.micro_batch_size": 2, "moe.aux_loss_scope": "global", "train.zero3_fetch": "module"})
+def test_execution_options_give_the_default_losses_on_two_ranks(data, tmp_path, two_ranks_global):
+    """Three options change how the step runs, not what it computes; all three switched away from their
+    defaults in one 2-rank ZeRO-3 + AutoEP run give the default run's losses (any one of them off by more
+    than the tolerance fails it):
+    - `train.zero3_fetch=module`: DeepSpeed's per-module fetch hooks instead of one ZeRO-3 leaf per layer;
+    - `train.fast_zero_step=false`: DeepSpeed's own ZeRO-3 step instead of the streamlined one (fp32 norms,
+      gradients viewed in place), with expert gradients normed over the expert-parallel group;
+    - `train.activation_checkpointing=true`: every layer recomputed in backward."""
+    other = trained(data, tmp_path / "run", nproc=2, **BALANCED,
+                    **{"train.micro_batch_size": 2, "moe.aux_loss_scope": "global", "train.zero3_fetch": "module",
+                       "train.fast_zero_step": "false", "train.activation_checkpointing": "true"})
+    assert column(other, "step") == [1, 2, 3, 4] and column(other, "grad_norm")[0] > 0
     for key in LOSSES:
-        assert column(per_module, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
-    assert column(per_module, "grad_norm")[0] > 0
+        assert column(other, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
 
 
-def test_streamlined_zero3_step_gives_deepspeeds_losses_on_two_ranks(data, tmp_path, two_ranks_global):
-    """`train.fast_zero_step` (default on: fp32 gradient norms, gradients viewed in place) against DeepSpeed's
-    own ZeRO-3 step, 2 ranks with AutoEP, whose expert gradients are normed over the expert-parallel group."""
-    deepspeeds = trained(data, tmp_path / "run", nproc=2, **BALANCED,
-                         **{"train.micro_batch_size": 2, "moe.aux_loss_scope": "global", "train.fast_zero_step": "false"})
-    for key in LOSSES:
-        assert column(deepspeeds, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
+@pytest.fixture(scope="module")
+def zero_step_arms(data, tmp_path_factory):
+    """tests/scripts/zero_step.py: one process trains the same model with the streamlined and DeepSpeed's
+    step, with fused AdamW, at a gradient clip always exceeded (0.05) and one never reached (100)."""
+    script = runs.REPO / "tests" / "scripts" / "zero_step.py"
+    tmp = tmp_path_factory.mktemp("zero-step")
+    sets = {**runs.TINY, "data.path": data, "train.out_dir": tmp / "run", "optim.fused": "true",
+            "checkpoint.every": 0}
+    result = subprocess.run([sys.executable, str(script), str(runs.REPO / "recipes" / "debug.yaml"),
+                             str(runs.DS_CONFIG), "4", "0.05,100", *[f"{k}={v}" for k, v in sets.items()]],
+                            env=runs.child_env(), cwd=tmp, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith('{"clip"')]
+    return {out["clip"]: out for out in map(json.loads, lines)}
 
 
 @pytest.mark.parametrize("clip", [0.05, 100.0], ids=["clipped", "unclipped"])
-def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(data, tmp_path, clip):
+def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(zero_step_arms, clip):
     """With fused AdamW the clip scale goes into the optimizer's own pass (none when the norm is under the
     clip): the same model trained both ways in one process ends with the same parameters."""
-    script = runs.REPO / "tests" / "scripts" / "zero_step.py"
-    sets = {**runs.TINY, "data.path": data, "train.out_dir": tmp_path / "run", "optim.fused": "true",
-            "optim.grad_clip": clip, "checkpoint.every": 0}
-    result = subprocess.run([sys.executable, str(script), str(runs.REPO / "recipes" / "debug.yaml"),
-                             str(runs.DS_CONFIG), "4", *[f"{k}={v}" for k, v in sets.items()]],
-                            env=runs.child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = zero_step_arms[clip]
     fast, deepspeed = out["fast"], out["deepspeed"]
     assert fast["unscale_in_adam"] and not deepspeed["streamlined"]
     clipped = [norm > clip for norm in deepspeed["grad_norm"]]
@@ -109,15 +115,6 @@ def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(data, tmp_pat
     assert fast["loss"] == pytest.approx(deepspeed["loss"], **TOL)
     assert fast["grad_norm"] == pytest.approx(deepspeed["grad_norm"], rel=1e-5)
     assert out["max_param_diff"] <= 1e-6 * out["param_scale"]
-
-
-def test_activation_checkpointing_gives_the_same_losses_on_two_ranks(data, tmp_path, two_ranks_global):
-    checkpointed = trained(data, tmp_path / "run", nproc=2, **BALANCED,
-                           **{"train.micro_batch_size": 2, "moe.aux_loss_scope": "global",
-                              "train.activation_checkpointing": "true"})
-    assert column(checkpointed, "step") == [1, 2, 3, 4]
-    for key in LOSSES:
-        assert column(checkpointed, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
 
 
 def layer_forward_calls(lm, input_ids) -> int:
