@@ -115,6 +115,28 @@ def test_without_records_torch_files_are_checked_by_their_zip_crcs(tmp_path):
         f"{OPTIM.format(1)[:-3]}/data/0)"
 
 
+def test_before_its_checksums_arrive_a_save_is_checked_by_size_and_zip_crcs(tmp_path):
+    """Between a save and its background checksums the records hold sizes only (`size_records`): a cut file is
+    named by its sizes, a changed byte by the zip archive's own CRC; the thread's records are the inline ones."""
+    tag = save_two_ranks(tmp_path / "global_step3", records=False)
+    meta = json.loads((tag / "nitp_meta.json").read_text())
+    meta["files"] = {**integrity.size_records(tag, 0, 2), **integrity.size_records(tag, 1, 2)}
+    assert all(set(record) == {"bytes"} for record in meta["files"].values())
+    (tag / "nitp_meta.json").write_text(json.dumps(meta))
+    assert integrity.find_damage(tag) is None
+    jobs = {rank: integrity.BackgroundChecksums(integrity.own_files(tag, rank, 2)) for rank in (0, 1)}
+    assert {rank: job.result() for rank, job in jobs.items()} == {
+        rank: integrity.record_own_files(tag, rank, 2) for rank in (0, 1)}
+    flip(tag / OPTIM.format(1))
+    assert integrity.find_damage(tag, rank=1, world_size=2) == f"{tag / OPTIM.format(1)} is corrupt (bad CRC in " \
+        f"{OPTIM.format(1)[:-3]}/data/0)"
+    size = (tag / MODEL.format(0)).stat().st_size
+    cut(tag / MODEL.format(0))
+    assert integrity.find_damage(tag, checksums=False) == f"{tag / MODEL.format(0)} is truncated or corrupt: " \
+        f"{size // 2} bytes, " \
+        f"{size} when it was saved"
+
+
 def test_a_safetensors_file_is_checked_against_its_header(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"a": torch.zeros(300), "b": torch.ones(10, 10)}, str(path))

@@ -92,6 +92,16 @@ def test_incomplete_checkpoint_is_skipped_and_run_resumes_from_previous(data, re
     assert runs.complete(run_dir, 6) and runs.latest(run_dir) == "global_step6"
 
 
+def test_a_finished_run_has_the_checksums_of_every_checkpoint(reference):
+    """Computed off the training path (the step-3 save's while steps 4-6 ran, added at the step-6 save; the
+    final save's before the exit): every file of every checkpoint has its size and CRC-32 recorded."""
+    for tag in ("global_step3", "global_step6"):
+        tag_dir = reference / "checkpoints" / tag
+        records = integrity.recorded_files(tag_dir)
+        assert sorted(records) == [p.name for p in integrity.checkpoint_files(tag_dir)]
+        assert records == {p.name: integrity.file_record(p) for p in integrity.checkpoint_files(tag_dir)}
+
+
 def test_damaged_checkpoint_is_refused_when_named_and_skipped_by_auto_resume(data, reference, tmp_path):
     # A partial copy: the newest checkpoint complete (nitp_meta.json, `latest`) but one file cut short.
     run_dir = copy_run(reference, tmp_path / "run")

@@ -1,8 +1,9 @@
 """Whether a checkpoint's files are whole: sizes and CRC-32s recorded at save, checked before a file is read.
 
-At save, each rank records the files it wrote itself (`record_own_files`: size and CRC-32, read back while they
-are still in the page cache); rank 0 puts every rank's records in `nitp_meta.json` under "files", the file that
-is written last and marks the checkpoint complete. Before a checkpoint is read (resume, convert, export),
+At save, each rank records the size of each file it wrote itself, and rank 0 puts every rank's records in
+`nitp_meta.json` under "files", the file that is written last and marks the checkpoint complete. The CRC-32s
+follow off the training path: each rank reads its files back in a thread (`BackgroundChecksums`, while they are
+still in the page cache) and the next save, or the end of the run, adds them to the records. Before a checkpoint is read (resume, convert, export),
 `find_damage` compares each listed file with its record: a missing file, a size that differs (a partial copy, a
 full disk) or a checksum that differs (a changed byte) names that file. A file without a record (a checkpoint
 saved by an older nitp-ds or another loop, a Hugging Face directory) is checked against its own format: torch.save
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -60,9 +62,40 @@ def checkpoint_files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != META and not p.name.startswith("."))
 
 
+def own_files(tag_dir: Path, rank: int, world_size: int) -> list[Path]:
+    """The files of `tag_dir` that this rank wrote (and will read at a resume)."""
+    return [p for p in checkpoint_files(tag_dir) if writer_rank(p.name, world_size) == rank]
+
+
 def record_own_files(tag_dir: Path, rank: int, world_size: int) -> dict[str, dict[str, int | str]]:
     """{file name: {"bytes", "crc32"}} for the files of `tag_dir` that this rank wrote."""
-    return {p.name: file_record(p) for p in checkpoint_files(tag_dir) if writer_rank(p.name, world_size) == rank}
+    return {p.name: file_record(p) for p in own_files(tag_dir, rank, world_size)}
+
+
+def size_records(tag_dir: Path, rank: int, world_size: int) -> dict[str, dict[str, int | str]]:
+    """{file name: {"bytes"}} for the files of `tag_dir` that this rank wrote: a stat each, no reading."""
+    return {p.name: {"bytes": p.stat().st_size} for p in own_files(tag_dir, rank, world_size)}
+
+
+class BackgroundChecksums:
+    """The CRC-32s of some files, computed in a thread while training goes on (zlib and file reads release
+    the GIL). `result()` waits for them: {file name: {"bytes", "crc32"}}, or None when a file could not be
+    read (the checkpoint then keeps its size records only)."""
+
+    def __init__(self, paths: list[Path]):
+        self._records: dict[str, dict[str, int | str]] | None = None
+        self._thread = threading.Thread(target=self._run, args=(paths,), name="nitp-checksums", daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        try:
+            self._records = {p.name: file_record(p) for p in paths}
+        except OSError:
+            self._records = None
+
+    def result(self) -> dict[str, dict[str, int | str]] | None:
+        self._thread.join()
+        return self._records
 
 
 def recorded_files(tag_dir: Path) -> dict[str, dict]:
@@ -79,7 +112,8 @@ def recorded_files(tag_dir: Path) -> dict[str, dict]:
 def file_problem(path: Path, record: dict | None, *, checksum: bool = True) -> str | None:
     """What is wrong with one file, as words that follow its name ("is truncated …"); None when it is whole.
 
-    With a record: its size, then (with `checksum`) its CRC-32. Without one: a zip archive's own CRCs.
+    With a record: its size, then (with `checksum`) its CRC-32. Without one, or with a size but no CRC-32 yet:
+    a zip archive's own CRCs.
     """
     if not path.is_file():
         return "is missing (nitp_meta.json lists it)"
@@ -89,7 +123,9 @@ def file_problem(path: Path, record: dict | None, *, checksum: bool = True) -> s
         size = path.stat().st_size
         if size != record.get("bytes"):
             return f"is truncated or corrupt: {size} bytes, {record.get('bytes')} when it was saved"
-        if checksum and record.get("crc32") and (crc := crc32_of(path)) != record["crc32"]:
+        if checksum and not record.get("crc32"):  # a save whose checksums were still being computed
+            return unrecorded_problem(path)
+        if checksum and (crc := crc32_of(path)) != record["crc32"]:
             return f"is corrupt: its CRC-32 is {crc}, {record['crc32']} when it was saved"
     except OSError as exc:  # unreadable (permissions, an I/O error): as damaged as a cut file, for a resume
         return f"cannot be read ({exc.strerror or exc})"

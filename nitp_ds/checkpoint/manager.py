@@ -4,13 +4,15 @@
 (`nitp_meta.json`, `latest`, finding a complete checkpoint) are in `state.py`, shared with convert and export.
 A save is complete when rank 0 has written `nitp_meta.json` after every rank finished writing; `latest`
 then names it, and the oldest complete ones beyond checkpoint.keep_last are deleted. Each rank records the
-size and CRC-32 of the files it wrote (`integrity.py`) before the ranks agree that the save succeeded; the
-records go into `nitp_meta.json`. `--resume auto` takes the newest complete checkpoint whose files match
-them, skipping damaged ones with a warning.
+size of the files it wrote (`integrity.py`) before the ranks agree that the save succeeded; the records go
+into `nitp_meta.json`. Their CRC-32s are computed in a thread while training goes on and added at the next
+save or at the end of the run. `--resume auto` takes the newest complete checkpoint whose files match the
+records, skipping damaged ones with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -41,6 +43,7 @@ class CheckpointManager:
         self.save_seconds: list[tuple[int, float]] = []  # (step, seconds training waited), one per periodic save
         self.final_save_seconds: float | None = None
         self.intact_step: int | None = None  # the step of the checkpoint this process resumed from or saved last
+        self.checksums: tuple[Path, integrity.BackgroundChecksums] | None = None  # the last save's, being computed
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -103,12 +106,14 @@ class CheckpointManager:
         if last:
             if self.cfg.train.steps and step != self.intact_step:
                 self.final_save_seconds = self.save()
+            self.add_checksums()  # the run ends with every checkpoint's CRC-32s recorded
         elif self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0 and step < self.cfg.train.steps:
             self.save_seconds.append((step, self.save()))
 
     def save(self) -> float:
         """Save this step's checkpoint; the seconds training waited for it (a phase of the run's summary)."""
         started = time.perf_counter()
+        self.add_checksums()  # the previous save's, computed while training went on (done by now, as a rule)
         step = self.progress.step
         tag = ckpt.tag_for(step)
         tag_dir = self.ckpt_dir / tag
@@ -120,8 +125,7 @@ class CheckpointManager:
         records = None
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-            # Read back at once, from the page cache: the bytes DeepSpeed just wrote, not a later copy of them.
-            records = integrity.record_own_files(tag_dir, self.rank, self.world_size)
+            records = integrity.size_records(tag_dir, self.rank, self.world_size)
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
             if lost_peer(exc):
                 raise  # not this disk: another rank is gone (the trainer ends the run in one line)
@@ -141,7 +145,28 @@ class CheckpointManager:
             prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         barrier()
         self.intact_step = step
+        # Read back in a thread at once, from the page cache: the bytes DeepSpeed just wrote, not a later copy.
+        self.checksums = (tag_dir, integrity.BackgroundChecksums(integrity.own_files(tag_dir, self.rank,
+                                                                                     self.world_size)))
         return time.perf_counter() - started
+
+    def add_checksums(self) -> None:
+        """Every rank: wait for the CRC-32s of the last save; rank 0 adds them to its nitp_meta.json records.
+
+        Until then a checkpoint has sizes only, and a resume checks its torch.save files by their own zip CRCs.
+        """
+        if self.checksums is None:
+            return
+        tag_dir, job = self.checksums
+        self.checksums = None
+        everyone = all_gather(job.result(), self.world_size)
+        if not self.is_main or any(r is None for r in everyone) or not (tag_dir / ckpt.META).is_file():
+            return  # unreadable on some rank, or pruned: the size records stay
+        meta = json.loads((tag_dir / ckpt.META).read_text())
+        for records in everyone:
+            for name, record in records.items():
+                meta[integrity.FILES_KEY].setdefault(name, {}).update(record)
+        ckpt.mark_complete(tag_dir, meta)
 
     def meta(self, step: int) -> dict[str, Any]:
         """nitp_meta.json: what convert, export and eval need to rebuild the model without the recipe."""
