@@ -51,14 +51,21 @@ def _register_commands() -> None:
 
 
 def main() -> None:
+    from nitp_ds import distributed
+
     try:
         _main()
         code = 0
     except SystemExit as exc:
         code = exc.code
-    from nitp_ds.distributed import exit_process
+    except BaseException:  # a bug (or --debug): the traceback, then the same exit as every other way out
+        if not distributed.joined_group():
+            raise
+        import traceback
 
-    exit_process(code)
+        traceback.print_exc()
+        code = 1
+    distributed.exit_process(code)
 
 
 def _main() -> None:

@@ -102,6 +102,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None

@@ -7,7 +7,8 @@ Sources:
 - the output of `nitp convert`: HF-named `model*.safetensors`, `nitp_meta.json` (the HF config under
   "hf_config" when there is no `config.json`, and {"nitp": {"head", "head_mult", "target_layer"}}) and,
   when the run trained with NITP, `nitp_head.safetensors` (then the NITP loss is reported too);
-- a Hugging Face directory (`save_pretrained`, `nitp export`).
+- a Hugging Face directory (`save_pretrained`, `nitp export`; an export's `nitp_export.json` keeps the
+  training sequence length and data directory).
 
 What is known of the training: the sequence length from nitp_meta.json's "seq_len" (written by
 `nitp train` with each checkpoint and copied by `nitp convert`), else from the run's
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from nitp_ds.checkpoint.integrity import check_file
-from nitp_ds.checkpoint.state import META, is_checkpoint_location, read_meta, resolve_checkpoint
+from nitp_ds.checkpoint.state import EXPORT_INFO, META, is_checkpoint_location, read_meta, resolve_checkpoint
 from nitp_ds.errors import NITPError
 
 HEAD_FILE = "nitp_head.safetensors"
@@ -75,6 +76,9 @@ def open_directory(path: Path, dtype: torch.dtype, run_dir: Path | None = None,
         if weights.name != HEAD_FILE:  # the head is checked where it is read, after its settings
             check_file(weights, None, fix=REWRITE)
     meta = read_meta(path, fix="re-run `nitp convert`")
+    meta_file = (shown_as or path) / META
+    if not meta and (path / EXPORT_INFO).is_file():  # an export: what it keeps of its training
+        meta, meta_file = export_info(path), path / EXPORT_INFO
     config = load_hf_config(path, meta)
     lm = load_language_model(path, config, dtype)
     lm.config.use_cache = False
@@ -91,8 +95,19 @@ def open_directory(path: Path, dtype: torch.dtype, run_dir: Path | None = None,
                           loss=nitp["loss"], offset=nitp["offset"])
         load_head(model.nitp_head, head_file)
         info = {"family": config.model_type, "nitp_head": nitp["head"], "target_layer": nitp["target_layer"]}
-    seq_len, seq_len_from = training_seq_len(meta, (shown_as or path) / META, run_dir)
+    seq_len, seq_len_from = training_seq_len(meta, meta_file, run_dir)
     return Source(model.to(dtype), info, seq_len, seq_len_from, meta.get("data_dir"))
+
+
+def export_info(path: Path) -> dict[str, Any]:
+    """An export's nitp_export.json (training seq_len, data_dir), or {} (another Hugging Face directory)."""
+    import json
+
+    try:
+        info = json.loads((path / EXPORT_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: info[k] for k in ("seq_len", "data_dir") if isinstance(info, dict) and k in info}
 
 
 def training_seq_len(meta: dict[str, Any], meta_file: Path, run_dir: Path | None) -> tuple[int | None, str]:

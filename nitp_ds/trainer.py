@@ -140,24 +140,26 @@ class Trainer:
         self.flops = self.flops_model()
         self.start_interval()
         status = "finished"
-        with PausedGC(cfg.train.gc_every) as paused_gc:
-            while self.state.step < cfg.train.steps:
-                result = self.step_or_skip()
-                if result.parts is None:
-                    continue  # a stop request is still pending on its rank: the next step's all-reduce carries it
-                self.phases.step_done()
-                step = self.state.step
-                paused_gc.step(step)
-                self.maybe_log(step, result.parts)
-                self.maybe_eval(step)
-                if result.stop:
-                    status = "preempted"
-                    self.say(f"stop requested at step {step}: saving a checkpoint and exiting")
-                    break
-                self.checkpoints.maybe_save(step, last=False)
-        self.checkpoints.maybe_save(self.state.step, last=True)
-        final_eval = self.log_eval(self.state.step) if status == "finished" and cfg.train.steps else {}
-        self.logger.close()
+        try:  # the loggers close on every way out (W&B's run finished, TensorBoard flushed)
+            with PausedGC(cfg.train.gc_every) as paused_gc:
+                while self.state.step < cfg.train.steps:
+                    result = self.step_or_skip()
+                    if result.parts is None:
+                        continue  # a stop request still pending on its rank: the next step's all-reduce carries it
+                    self.phases.step_done()
+                    step = self.state.step
+                    paused_gc.step(step)
+                    self.maybe_log(step, result.parts)
+                    self.maybe_eval(step)
+                    if result.stop:
+                        status = "preempted"
+                        self.say(f"stop requested at step {step}: saving a checkpoint and exiting")
+                        break
+                    self.checkpoints.maybe_save(step, last=False)
+            self.checkpoints.maybe_save(self.state.step, last=True)
+            final_eval = self.log_eval(self.state.step) if status == "finished" and cfg.train.steps else {}
+        finally:
+            self.logger.close()
         return self.write_summary(status, final_eval)
 
     def write_run_dir(self) -> None:
@@ -223,7 +225,6 @@ class Trainer:
                  f"{micro_batches} micro-batches); skipped "
                  f"({self.state.bad_steps}/{self.cfg.train.max_bad_steps} in a row)")
         if self.state.bad_steps >= self.cfg.train.max_bad_steps:
-            self.logger.close()
             raise on_every_rank(NITPError(
                 f"{self.state.bad_steps} consecutive steps had a non-finite loss; stopping. The newest "
                 f"checkpoint in {self.checkpoints.ckpt_dir} is from before the trouble — lower optim.lr or check the "

@@ -265,7 +265,8 @@ def test_trainer_and_nitp_eval_agree_on_checkpoint_and_export(trained, data, tmp
     assert checkpoint["seq_len_from"].endswith("global_step2/nitp_meta.json")  # the training length, recorded
 
     exported_dir = export_checkpoint(run_dir, tmp_path / "hf", dtype="fp32", show_progress=False).out
-    exported = evaluate(exported_dir, data.path, max_tokens=AGREEMENT_TOKENS, seq_len=32)
+    exported = evaluate(exported_dir, data.path, max_tokens=AGREEMENT_TOKENS)  # the length the export keeps
+    assert exported["seq_len_from"] == f"training length, from {exported_dir / 'nitp_export.json'}"
     print(f"val loss: trainer {trainer['val/loss_ntp']:.6f} ± {trainer['val/loss_ntp_se']:.4f}, nitp eval "
           f"checkpoint {checkpoint['val/loss_ntp']:.6f}, nitp eval export {exported['val/loss_ntp']:.6f}")
     for other in (checkpoint, exported):

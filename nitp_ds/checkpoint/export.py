@@ -3,13 +3,15 @@
 The weights are streamed from the checkpoint's partition files straight into the export dtype
 (`convert.write_safetensors`: one layer in memory, every name and shape checked against the stock model class
 built on the meta device, none missing), so an export costs what a convert costs whatever the model's size.
-`config.json` and `generation_config.json` come from nitp_meta.json's `hf_config`. `verify=True` then checks
+`config.json` and `generation_config.json` come from nitp_meta.json's `hf_config`; `nitp_export.json` keeps
+the training sequence length, data directory, step and source checkpoint (read by `nitp eval`). `verify=True` then checks
 the written directory against the checkpoint (`nitp_ds.checkpoint.verify`): every tensor exactly, and the
 quality of the model that `from_pretrained` loads.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from nitp_ds.checkpoint.convert import (DTYPES, HEAD_PREFIX, ZeroCheckpoint, check_checkpoint_files, commit_output,
                                         hf_config_object, infer_model_type, iter_hf_tensors, meta_model,
                                         plan_hf_tensors, prepare_output, write_safetensors)
-from nitp_ds.checkpoint.state import META, read_meta, resolve_checkpoint
+from nitp_ds.checkpoint.state import EXPORT_INFO, META, read_meta, resolve_checkpoint
 from nitp_ds.checkpoint.verify import Verification, check_tensors, compare_quality, evaluation_batches, judge
 from nitp_ds.errors import NITPError
 from nitp_ds.models import model_from_tensors
@@ -64,6 +66,7 @@ def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", 
                           show_progress=show_progress)
         if tokenizer:
             _copy_tokenizer(Path(tokenizer), tmp)
+        write_training_info(tmp, meta, ckpt)
         result = ExportResult(final, meta.get("step"))
         if verify:
             result.verification = _verify(partitions, tmp, config=config, model_type=model_type, dtype=dtype,
@@ -73,6 +76,14 @@ def export_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "bf16", 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def write_training_info(directory: Path, meta: dict, ckpt: Path) -> None:
+    """nitp_export.json: what the export cannot say in Hugging Face's own files: the training sequence length
+    (which `nitp eval` scores at), the data directory, the step and the checkpoint it came from."""
+    info = {"seq_len": meta.get("seq_len"), "data_dir": meta.get("data_dir"), "step": meta.get("step"),
+            "checkpoint": str(ckpt.resolve())}
+    (directory / EXPORT_INFO).write_text(json.dumps(info, indent=2))
 
 
 def write_config(directory: Path, hf_config: dict, dtype: str):

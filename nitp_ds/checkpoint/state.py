@@ -20,6 +20,7 @@ from nitp_ds.errors import NITPError
 from nitp_ds.files import atomic_write_text  # noqa: F401 - also used from here by callers
 
 META = "nitp_meta.json"
+EXPORT_INFO = "nitp_export.json"  # beside an export's Hugging Face files: its training seq_len, data, step
 TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
