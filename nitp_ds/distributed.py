@@ -55,21 +55,22 @@ def world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+_group_started = False  # set once this process joins a process group (`joined_group`, `exit_process`)
+
+
 def start_process_group() -> None:
     """Join the process group before anything can fail, so that ranks can agree on start-up errors."""
+    global _group_started
     import torch
     from deepspeed import comm
     from deepspeed.accelerator import get_accelerator
 
     if torch.cuda.is_available():
         torch.cuda.set_device(world()[2])  # object collectives on NCCL use the current device
-    global _group_started
     with third_party_prints_hidden():  # DeepSpeed prints a line when it loads its CPU communication op
         comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     _group_started = True
 
-
-_group_started = False
 
 
 def joined_group() -> bool:

@@ -124,7 +124,7 @@ def test_before_its_checksums_arrive_a_save_is_checked_by_size_and_zip_crcs(tmp_
     assert all(set(record) == {"bytes"} for record in meta["files"].values())
     (tag / "nitp_meta.json").write_text(json.dumps(meta))
     assert integrity.find_damage(tag) is None
-    jobs = {rank: integrity.BackgroundChecksums(integrity.own_files(tag, rank, 2)) for rank in (0, 1)}
+    jobs = {rank: integrity.BackgroundChecksums(tag, rank, 2) for rank in (0, 1)}
     assert {rank: job.result() for rank, job in jobs.items()} == {
         rank: integrity.record_own_files(tag, rank, 2) for rank in (0, 1)}
     flip(tag / OPTIM.format(1))

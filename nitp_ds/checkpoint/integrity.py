@@ -78,18 +78,19 @@ def size_records(tag_dir: Path, rank: int, world_size: int) -> dict[str, dict[st
 
 
 class BackgroundChecksums:
-    """The CRC-32s of some files, computed in a thread while training goes on (zlib and file reads release
-    the GIL). `result()` waits for them: {file name: {"bytes", "crc32"}}, or None when a file could not be
-    read (the checkpoint then keeps its size records only)."""
+    """`record_own_files` in a thread while training goes on (zlib and file reads release the GIL).
+    `result()` waits for it: {file name: {"bytes", "crc32"}}, or None when a file could not be read (the
+    checkpoint then keeps its size records only)."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, tag_dir: Path, rank: int, world_size: int):
         self._records: dict[str, dict[str, int | str]] | None = None
-        self._thread = threading.Thread(target=self._run, args=(paths,), name="nitp-checksums", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(tag_dir, rank, world_size), name="nitp-checksums",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, paths: list[Path]) -> None:
+    def _run(self, tag_dir: Path, rank: int, world_size: int) -> None:
         try:
-            self._records = {p.name: file_record(p) for p in paths}
+            self._records = record_own_files(tag_dir, rank, world_size)
         except OSError:
             self._records = None
 

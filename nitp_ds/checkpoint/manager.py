@@ -12,7 +12,6 @@ records, skipping damaged ones with a warning.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -146,8 +145,7 @@ class CheckpointManager:
         barrier()
         self.intact_step = step
         # Read back in a thread at once, from the page cache: the bytes DeepSpeed just wrote, not a later copy.
-        self.checksums = (tag_dir, integrity.BackgroundChecksums(integrity.own_files(tag_dir, self.rank,
-                                                                                     self.world_size)))
+        self.checksums = (tag_dir, integrity.BackgroundChecksums(tag_dir, self.rank, self.world_size))
         return time.perf_counter() - started
 
     def add_checksums(self) -> None:
@@ -160,9 +158,9 @@ class CheckpointManager:
         tag_dir, job = self.checksums
         self.checksums = None
         everyone = all_gather(job.result(), self.world_size)
-        if not self.is_main or any(r is None for r in everyone) or not (tag_dir / ckpt.META).is_file():
-            return  # unreadable on some rank, or pruned: the size records stay
-        meta = json.loads((tag_dir / ckpt.META).read_text())
+        meta = ckpt.read_meta(tag_dir) if self.is_main and all(r is not None for r in everyone) else {}
+        if not meta:
+            return  # not rank 0, unreadable on some rank, or pruned: the size records stay
         for records in everyone:
             for name, record in records.items():
                 meta[integrity.FILES_KEY].setdefault(name, {}).update(record)
