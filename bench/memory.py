@@ -12,7 +12,7 @@ On a machine without a GPU the runs use DS_ACCELERATOR=cpu (gloo) and ds_configs
 
 Largest model (`--find-largest`): grows model.num_layers of one shape (`--set` picks it; the default is
 shape A of the GPU benchmark) until a run of two steps fails, starting from the plan's largest fitting
-count and stepping by ~15% (at most --max-tries runs of --timeout seconds each, no checkpoint save); prints
+count and stepping by --step (default 15%; at most --max-tries runs of --timeout seconds each, no checkpoint save); prints
 the largest that trained with its measured peak and its estimate (`--layers` sets the first try). Each try
 initialises every weight on the host, one module at a time (a minute or more for billions of parameters):
 
@@ -106,8 +106,12 @@ def run_phases(sets: dict, ds_config: str, nproc: int, out: Path, timeout: float
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return f"timed out after {timeout:.0f} s"
+        output, _ = proc.communicate()
+        # with NITP_DEBUG the trainer says each start-up part as it ends: how far the run got
+        reached = [line.strip() for line in output.splitlines() if line.startswith("start-up:")]
+        recompiled = sum("Recompiling function" in line for line in output.splitlines())  # TORCH_LOGS=recompiles
+        return (f"timed out after {timeout:.0f} s" + (f", {reached[-1]}" if reached else "")
+                + (f", {recompiled} recompilations" if recompiled else ""))
     if proc.returncode != 0 or not record.is_file():
         tail = output.strip().splitlines()[-3:]
         oom = any("out of memory" in line.lower() for line in tail)
@@ -201,10 +205,11 @@ def find_largest(args, data: Path, tmp: Path) -> None:
     capacity, _ = device_capacity()
     capacity = capacity or host_capacity() // nproc
 
-    def fits(layers: int) -> bool:
+    def fits(layers: int) -> bool:  # on the device, and on the host (offload keeps the optimizer there)
         plan, _ = estimate({**base, "model.num_layers": layers, "data.path": data}, args.ds_config, nproc)
-        need = plan.device if plan.settings.on_gpu else plan.host
-        return need <= capacity
+        if plan.settings.on_gpu:
+            return plan.device <= capacity and plan.host <= host_capacity()
+        return plan.host <= capacity
 
     if args.layers:
         low = args.layers  # the first try, chosen by the caller (e.g. from --print-config's plan)
@@ -225,14 +230,17 @@ def find_largest(args, data: Path, tmp: Path) -> None:
         plan, shape = estimate(sets, args.ds_config, nproc)
         ranks = run_phases(sets, args.ds_config, nproc, tmp / f"L{layers}", args.timeout, save=False)
         ok = not isinstance(ranks, str)
-        peak = None
+        peak = host_peak = None
         if ok:
             key = "device_peak_mib" if on_gpu() else "host_peak_mib"
             peak = max(r["phases"][p][key] or 0 for r in ranks for p in ("first step", "second step"))
+            host_peak = sum(max(r["phases"][p]["host_peak_mib"] or 0 for p in PHASES if p in r["phases"])
+                            for r in ranks)  # the node's: every rank's own peak
         estimate_gib = (plan.device if plan.settings.on_gpu else plan.host) / 2**30
+        host = f"; host peak {gib(host_peak)} GiB, plan {plan.host / 2**30:.1f} GiB" if on_gpu() else ""
         print(f"  {layers} layers, {shape.total / 1e9:.2f}B parameters: "
-              f"{'trains' if ok else 'fails (' + ranks + ')'}; peak {gib(peak)} GiB, plan {estimate_gib:.2f} GiB",
-              flush=True)
+              f"{'trains' if ok else 'fails (' + ranks + ')'}; peak {gib(peak)} GiB, plan {estimate_gib:.2f} GiB"
+              f"{host}", flush=True)
         tried[layers] = (ok, shape.total, peak, estimate_gib)
         import shutil
 
@@ -240,7 +248,7 @@ def find_largest(args, data: Path, tmp: Path) -> None:
         return ok
 
     layers = max(1, low)
-    step = lambda n: max(1, round(n * 0.15))  # noqa: E731
+    step = lambda n: max(1, round(n * args.step))  # noqa: E731
     if attempt(layers):
         while len(tried) < args.max_tries and attempt(layers + step(layers)):
             layers += step(layers)
@@ -269,6 +277,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="per run; default 1800 s, 300 with --find-largest")
     parser.add_argument("--find-largest", action="store_true")
     parser.add_argument("--max-tries", type=int, default=4)
+    parser.add_argument("--step", type=float, default=0.15, help="--find-largest's step, a fraction of the layers")
     parser.add_argument("--layers", type=int, default=None, help="--find-largest's first try (default: the plan's)")
     args = parser.parse_args()
     if args.timeout is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Callable
 
 import torch
 
@@ -81,7 +82,8 @@ def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
                           compile_loss=cfg.train.compile_loss, loss=cfg.nitp.loss, stop_grad=cfg.nitp.stop_grad,
                           offset=cfg.nitp.offset)
     if model.nitp_head is not None:  # its draws follow the LM's, as in an ordinary build
-        initialize_module(model.nitp_head, partial(init_head, init_std=lm.config.initializer_range))
+        initialize_module(model.nitp_head, partial(init_head, init_std=lm.config.initializer_range),
+                          on_host=cfg.model.init_on_host)
     compile_layers = cfg.train.compile_layers if cfg.train.compile_layers is not None else torch.cuda.is_available()
     if compile_layers:
         from nitp_ds.models import compile_decoder_layers
@@ -115,14 +117,16 @@ def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
 
-def build_engine_for(cfg: Config, run: ResolvedRun):
-    """The NITPEngine of the run: seeded model (identical initial weights on every rank), optimizer, schedule."""
+def build_engine_for(cfg: Config, run: ResolvedRun, on_built: Callable[[], None] = lambda: None):
+    """The NITPEngine of the run: seeded model (identical initial weights on every rank), optimizer, schedule.
+    `on_built()` is called once the model is built and initialised, before `deepspeed.initialize`."""
     from nitp_ds.engine import build_engine
 
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = build_nitp_model(cfg, run)
+    on_built()
     optimizer = build_optimizer(cfg, model, run.ds_config)
     return build_engine(model, run.ds_config, optimizer, build_schedule(cfg, optimizer), nitp_weight=cfg.nitp.weight,
                         aux_weight=cfg.moe.aux_loss_weight, z_weight=cfg.moe.z_loss_weight,

@@ -1,7 +1,9 @@
 """The wall-clock phases of one `nitp train`, measured by the run itself and written into its summary.
 
-- start-up: from the process start (of `nitp train` itself when it started the launcher) to the first step done:
-  imports, data, model and engine build, resume, and the first step with its compilation;
+- start-up: from the process start (of `nitp train` itself when it started the launcher) to the first step done,
+  and its parts (`mark`): "setup" (imports, process group, data, checks), "model" (the model built and
+  initialised), "engine" (`deepspeed.initialize`: AutoEP's repack, ZeRO-3's optimizer), "resume" (the checkpoint
+  loaded, if any) and "first_step" (the first step with its compilation);
 - each checkpoint save: the seconds training waited for it (the checkpoint manager times them);
 - the end: from the last step done to the summary: the final save, the final evaluation, closing the logs.
 What follows the summary — leaving the process group, the interpreter's exit — is not in it.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 START_ENV = "NITP_START_TIME"  # `nitp train` sets it for the launcher: the ranks count start-up from there
 
@@ -28,23 +30,37 @@ def process_start() -> float:
 
 
 class Phases:
-    def __init__(self) -> None:
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
+        """`say`, if given, is told each start-up part as it ends (`nitp train --debug`: where a slow start is)."""
+        self.say = say
         self.start = process_start()
         self.first_step: float | None = None
         self.last_step: float | None = None
+        self.marks: dict[str, float] = {}  # start-up part -> when it ended
+
+    def mark(self, part: str, at: float | None = None) -> None:
+        """The start-up part `part` ended now, or `at` (its time runs from the previous mark, or from the start)."""
+        self.marks[part] = time.time() if at is None else at
+        if self.say is not None:
+            self.say(f"start-up: {part.replace('_', ' ')} done at {self.marks[part] - self.start:.1f} s")
 
     def step_done(self) -> None:
         now = time.time()
         if self.first_step is None:
             self.first_step = now
+            self.mark("first_step", now)
         self.last_step = now
 
     def summary(self, saves: list[tuple[int, float]], final_save: float | None) -> dict[str, Any]:
-        """{"startup_s", "train_s", "checkpoint_saves": [{"step", "seconds"}], "final_save_s", "end_s", "total_s"};
-        the step times are None in a run that made no step (e.g. resumed at its last step)."""
+        """{"startup_s", "startup_parts": {part: seconds}, "train_s", "checkpoint_saves": [{"step", "seconds"}],
+        "final_save_s", "end_s", "total_s"}; the step times are None in a run that made no step (e.g. resumed at
+        its last step)."""
         now = time.time()
         first, last = self.first_step, self.last_step
-        return {"startup_s": None if first is None else first - self.start,
+        parts, previous = {}, self.start
+        for part, end in self.marks.items():
+            parts[part], previous = end - previous, end
+        return {"startup_s": None if first is None else first - self.start, "startup_parts": parts,
                 "train_s": None if first is None else last - first,
                 "checkpoint_saves": [{"step": step, "seconds": seconds} for step, seconds in saves],
                 "final_save_s": final_save,
@@ -57,6 +73,10 @@ def describe(phases: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     if phases.get("startup_s") is not None:
         rows.append(("start-up", f"{phases['startup_s']:.1f} s to the first step"))
+        parts = phases.get("startup_parts") or {}
+        if parts:
+            rows.append(("start-up parts", ", ".join(f"{part.replace('_', ' ')} {seconds:.1f} s"
+                                                  for part, seconds in parts.items())))
     saves = [save["seconds"] for save in phases.get("checkpoint_saves", [])]
     if saves:
         rows.append(("checkpoint saves", f"{len(saves)}, at most {max(saves):.2f} s each"))

@@ -25,6 +25,7 @@ import torch
 from nitp_ds.build import build_engine_for
 from nitp_ds.checkpoint import state as ckpt
 from nitp_ds.checkpoint.manager import CheckpointManager
+from nitp_ds.console import debug_enabled
 from nitp_ds.config import Config, dump_yaml, from_dict, read_yaml, to_dict, validate
 from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum, barrier, check_shared_run_dir, ensure_dist_env,
                                  leave_process_group, lost_peer, lost_peer_error, on_every_rank, start_process_group,
@@ -88,7 +89,7 @@ class Trainer:
         self.rank, self.world_size, self.local_rank = world()
         self.is_main = self.rank == 0
         self.state = RunState()
-        self.phases = Phases()
+        self.phases = Phases(say=self.say if debug_enabled() else None)
         self.force = force
         ds_raw = load_ds_config(ds_config_path)
         # A --resume path is checked now, before the run directory is written; --force starts afresh.
@@ -118,7 +119,9 @@ class Trainer:
         notice = fast_zero_step_notice(self.cfg, self.resolved.ds_config)
         if notice:
             self.say(notice)
-        self.engine = build_engine_for(self.cfg, self.resolved)
+        self.phases.mark("setup")
+        self.engine = build_engine_for(self.cfg, self.resolved, on_built=lambda: self.phases.mark("model"))
+        self.phases.mark("engine")
         self.device = self.engine.device
         self.checkpoints = CheckpointManager(self.engine, self.cfg, self.resolved, self.data, self.state, self.loader,
                                              resume_from=self.resume_from, force=self.force, is_main=self.is_main,
@@ -133,6 +136,7 @@ class Trainer:
         self.build()
         barrier()
         self.checkpoints.resume()
+        self.phases.mark("resume")
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                                     resume_step=self.state.step, wandb_config=cfg.logging.wandb,
                                     run_config=to_dict(cfg))

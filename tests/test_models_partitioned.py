@@ -222,3 +222,24 @@ def test_first_step_losses_equal_the_unpartitioned_model(data, tmp_path, nproc, 
     expected = unpartitioned_first_step(data, nproc)
     for key, value in expected.items():
         assert first[key] == pytest.approx(value, rel=2e-5, abs=1e-6), key
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_initial_draws_come_from_the_device_or_with_on_host_from_the_cpu_generator():
+    """A bf16 parameter on the GPU is drawn in float32 by the GPU's generator, or with on_host by the CPU's,
+    whose draws are those of an ordinary build on the host; either way it is then rounded into the parameter."""
+    import torch
+
+    from nitp_ds.models.partitioned import float32_values
+
+    param = torch.nn.Parameter(torch.zeros(64, 1000, device="cuda", dtype=torch.bfloat16))
+    expected = {}
+    for on_host, device in ((True, "cpu"), (False, "cuda")):
+        torch.manual_seed(5)
+        expected[on_host] = torch.empty(64, 1000, device=device).normal_(0, 0.02).to("cuda", torch.bfloat16)
+        torch.manual_seed(5)
+        with torch.no_grad(), float32_values([param], on_host=on_host):
+            assert param.dtype == torch.float32 and param.device.type == device
+            param.normal_(0, 0.02)
+        assert param.dtype == torch.bfloat16 and torch.equal(param, expected[on_host])
+    assert not torch.equal(expected[True], expected[False])

@@ -7,13 +7,14 @@ constructor returns, so no rank ever holds the whole model; initialisation is sw
 nothing (they are empty placeholders).
 
 `initialize_like_from_config` then writes the initial weights one module at a time, each module's
-parameters gathered, computed on the host in float32 from the one global CPU generator, and copied back
-into the partitions: the same draws, in the same order, as an ordinary `from_config` on the host. There,
-each torch layer draws as its constructor ends (`reset_parameters` of nn.Linear, nn.Embedding), and each
-PreTrainedModel's constructor ends with `post_init`, transformers' `initialize_weights` over its subtree
-(the base model is initialised before the LM head is even constructed); the weights are tied last. So the
-weights are bit for bit those of an unpartitioned build with the same seed, on any world size and any
-device. A rank holds one module's full parameters at a time (on a GPU, also their float32 host copy).
+parameters gathered, computed in float32 and copied back into the partitions: the same draws, in the same
+order, as an ordinary `from_config`. There, each torch layer draws as its constructor ends (`reset_parameters`
+of nn.Linear, nn.Embedding), and each PreTrainedModel's constructor ends with `post_init`, transformers'
+`initialize_weights` over its subtree (the base model is initialised before the LM head is even constructed);
+the weights are tied last. The draws come from the generator of the device the parameters live on (a GPU's:
+fast), or with `on_host` from the one global CPU generator (~120M values/s): then the weights are bit for bit
+those of an unpartitioned build on the host with the same seed. Either way they are the same on any world size.
+A rank holds one module's full parameters at a time (and their float32 copy while they are drawn).
 """
 
 from __future__ import annotations
@@ -90,21 +91,22 @@ def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = 0) -> I
 
 
 @contextlib.contextmanager
-def host_float32(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Gather `params` and let code write them as float32 host tensors; the values then go back into them.
+def float32_values(params: Iterable[nn.Parameter], on_host: bool = False) -> Iterator[None]:
+    """Gather `params` and let code write them as float32 tensors; the values then go back into them.
 
-    Initial values are computed here, on the host in float32, whatever the device and dtype of the training
-    model: the same random draws as an ordinary build on the host, which the device's generator would not give.
+    Initial values are computed in float32 whatever the dtype of the training model, on the parameters' own
+    device, or with `on_host` on the host: the CPU generator's draws, those of an ordinary build on the host.
     """
     params = list(dict.fromkeys(params))  # a parameter shared by two names is written once
     with gathered(params) as full:
         stored = [p.data for p in full]
-        # a float32 host parameter is written in place; any other gets a float32 host copy for the duration
-        copied = [data.device.type != "cpu" or data.dtype != torch.float32 for data in stored]
+        # a float32 parameter on the drawing device is written in place; any other gets a float32 copy there
+        devices = [torch.device("cpu") if on_host else data.device for data in stored]
+        copied = [data.device != device or data.dtype != torch.float32 for data, device in zip(stored, devices)]
         try:
-            for p, data, copy in zip(full, stored, copied):
+            for p, data, device, copy in zip(full, stored, devices, copied):
                 if copy:
-                    p.data = data.detach().to("cpu", torch.float32, copy=True)
+                    p.data = data.detach().to(device, torch.float32, copy=True)
             yield
             for p, data, copy in zip(full, stored, copied):
                 if copy:
@@ -143,7 +145,8 @@ def own_parameters(module: nn.Module) -> list[nn.Parameter]:
     return list(module.parameters(recurse=False))
 
 
-def replay_constructors(root: nn.Module, on_built: Callable[[nn.Module], None] | None = None) -> None:
+def replay_constructors(root: nn.Module, on_built: Callable[[nn.Module], None] | None = None,
+                        on_host: bool = False) -> None:
     """What the constructors of `root`'s modules drew in an ordinary build, in the order they drew it.
 
     A module's constructor builds its children first (in the order it registers them, which is how the supported
@@ -151,11 +154,11 @@ def replay_constructors(root: nn.Module, on_built: Callable[[nn.Module], None] |
     initial values there, and `on_built(module)` stands for whatever else a constructor's end does.
     """
     for child in root.children():
-        replay_constructors(child, on_built)
+        replay_constructors(child, on_built, on_host)
     reset = getattr(root, "reset_parameters", None)
     params = own_parameters(root)
     if callable(reset) and params:
-        with host_float32(params):
+        with float32_values(params, on_host):
             reset()
     if on_built is not None:
         on_built(root)
@@ -174,13 +177,13 @@ def hf_init_order(model: nn.Module) -> Iterator[tuple[nn.Module, Callable]]:
     yield from visit(model, model._initialize_weights)
 
 
-def initialize_like_from_config(model) -> None:
+def initialize_like_from_config(model, on_host: bool = False) -> None:
     """Initialise a Hugging Face model built in `construction()` exactly as `from_config` would have, then tie it.
 
     In an ordinary build every PreTrainedModel's constructor ends with `post_init()`, which initialises its subtree
     (transformers' `initialize_weights`, skipping modules already initialised, which it flags): the base model is
     initialised before the LM head is even constructed. That interleaving is replayed here. The caller seeds the
-    CPU generator first, as before an ordinary build; every rank draws the same numbers and rank 0's are kept.
+    generators first, as before an ordinary build; every rank draws the same numbers and rank 0's are kept.
     """
     from transformers import PreTrainedModel
     from transformers import initialization as hf_init
@@ -193,18 +196,18 @@ def initialize_like_from_config(model) -> None:
         with torch.no_grad(), hf_init.guard_torch_init_functions():
             for target, init in hf_init_order(module):
                 if not getattr(target, "_is_hf_initialized", False):
-                    with host_float32(own_parameters(target)):
+                    with float32_values(own_parameters(target), on_host):
                         init(target, custom_code)
 
-    replay_constructors(model, post_init)
+    replay_constructors(model, post_init, on_host)
     model.tie_weights()
 
 
-def initialize_module(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
+def initialize_module(module: nn.Module, init: Callable[[nn.Module], None], on_host: bool = False) -> None:
     """Initialise a plain module built in `construction()`: its constructors' draws, then `init(module)` with
     all of its parameters gathered (for small modules, such as the NITP head)."""
-    replay_constructors(module)
-    with torch.no_grad(), host_float32(module.parameters()):
+    replay_constructors(module, on_host=on_host)
+    with torch.no_grad(), float32_values(module.parameters(), on_host):
         init(module)
 
 
@@ -227,7 +230,7 @@ def build_partitioned_model(m, vocab_size: int, ds_config: dict[str, Any] | None
             log(f"notice: {len(plan.unexpected)} tensor(s) in model.pretrained {m.pretrained} are not part of the "
                 f"model and were skipped, as from_pretrained skips them (e.g. {plan.unexpected[0]})")
     else:
-        initialize_like_from_config(model)
+        initialize_like_from_config(model, on_host=m.init_on_host)
     model.config.use_cache = False
     model.config.output_router_logits = False  # router logits are captured with hooks (nitp_ds.losses)
     return model
