@@ -82,7 +82,7 @@ class NITPModel(nn.Module):
         self.aux_group_fn = aux_group_fn  # returns a process group for global-batch balancing, or None
         self.top_k = experts_per_token(lm.config)
         self._target: torch.Tensor | None = None
-        self._router_logits: list[torch.Tensor] = []
+        self._routers: list[nn.Module] = []  # the MoE layers' router modules, which keep their logits for the loss
         self._hooks: list = []
         self._register_external_lm_head()
 
@@ -103,7 +103,8 @@ class NITPModel(nn.Module):
             source = (self.lm.get_input_embeddings() if self.target_layer == 0
                       else self.lm.model.layers[self.target_layer - 1])
             self._hooks.append(source.register_forward_hook(self._capture_target))
-        for router in router_modules(self.lm):
+        self._routers = router_modules(self.lm)
+        for router in self._routers:
             self._hooks.append(router.register_forward_hook(self._capture_router))
 
     def _capture_target(self, module, args, output) -> None:
@@ -111,15 +112,22 @@ class NITPModel(nn.Module):
         self._target = hidden.detach() if self.stop_grad else hidden
 
     def _capture_router(self, module, args, output) -> None:
-        logits = output[0] if isinstance(output, tuple) else output
-        self._router_logits.append(logits)
+        # Kept on the router module itself, not appended to a list: inside a compiled decoder layer, a list
+        # that grows layer by layer is a guard on its length, and every layer would be compiled anew.
+        module._nitp_router_logits = output[0] if isinstance(output, tuple) else output
+
+    def _take_router_logits(self) -> list[torch.Tensor]:
+        """The router logits of this forward pass, one tensor per MoE layer in order; the modules let go of them."""
+        logits = []
+        for router in self._routers:
+            logits.append(router.__dict__.pop("_nitp_router_logits"))
+        return logits
 
     # -- forward: one decoder pass, every loss part ---------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self._hooks:
             self.attach_hooks()
-        self._router_logits = []
         self._target = None
         hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
@@ -138,9 +146,8 @@ class NITPModel(nn.Module):
         else:
             parts["nitp"] = torch.zeros((), device=hidden.device)
         group = self.aux_group_fn() if self.aux_group_fn is not None else None
-        router = router_losses(self._router_logits, self.top_k, token_mask=None, group=group)
+        router = router_losses(self._take_router_logits(), self.top_k, token_mask=None, group=group)
         parts["aux"], parts["z"], parts["load"] = router["aux"].to(hidden.device), router["z"].to(hidden.device), router["load"]
-        self._router_logits = []
         self._target = None
         return parts
 

@@ -153,3 +153,32 @@ def test_router_modules_are_the_family_routers_one_per_moe_layer(family):
         router.register_forward_hook(lambda module, args, out: logits.append(out[0] if isinstance(out, tuple) else out))
     model(batch()[0])
     assert len(logits) == len(routers) and all(x.shape[-1] == 4 for x in logits)
+
+
+def compiled_graphs(num_layers: int) -> int:
+    """Graphs dynamo builds for one training forward and backward of an NITP model with compiled decoder layers."""
+    import dataclasses
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from nitp_ds.models import compile_decoder_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    lm = build_model(dataclasses.replace(SHAPE, num_layers=num_layers), vocab_size=64)
+    model = NITPModel(lm, head="swiglu", target_layer=1, ce_chunk_tokens=16)
+    model.attach_hooks()
+    compile_decoder_layers(lm, backend="eager")  # dynamo's graphs and guards, without code generation
+    x, y = batch()
+    parts = model(x, y)
+    (parts["ntp"] + parts["nitp"] + parts["aux"]).backward()
+    assert set(parts) >= {"ntp", "nitp", "aux", "load"} and torch.isfinite(parts["aux"])
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decoder_layers_are_not_compiled_again_layer_by_layer():
+    """Layers share their compiled code: the router-logit capture must not make each layer a new guard case
+    (a list growing layer by layer did: 4 layers compiled 4 times, ~1.5 s each on a GPU)."""
+    assert compiled_graphs(num_layers=6) == compiled_graphs(num_layers=3)

@@ -127,7 +127,7 @@ def experts_per_token(config) -> int:
     return int(config.num_experts_per_tok)
 
 
-def compile_decoder_layers(lm) -> None:
+def compile_decoder_layers(lm, backend: str = "inductor") -> None:
     """`torch.compile` each decoder layer's forward in place (module names and state dicts unchanged).
 
     Hooks stay outside the compiled code (ZeRO-3's fetch hooks and the NITP target capture are on the
@@ -139,4 +139,4 @@ def compile_decoder_layers(lm) -> None:
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in lm.model.layers:
-        layer.forward = torch.compile(layer.forward, dynamic=False)
+        layer.forward = torch.compile(layer.forward, dynamic=False, backend=backend)
