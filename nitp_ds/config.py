@@ -124,6 +124,9 @@ class CheckpointConfig:
     every: int = 500  # 0: only at the end
     keep_last: int = 3  # 0: keep all
     resume: str = "auto"  # auto (newest complete checkpoint in out_dir), never, or a checkpoint path
+    # Copy the state to host memory and write the files in a thread while training goes on (the save blocks
+    # only for the copy); a file whose copy would not fit in 3/4 of the free host memory is written at once
+    async_save: bool = True
 
 
 @dataclass

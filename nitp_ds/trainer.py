@@ -58,6 +58,7 @@ class StepResult:
     parts: dict[str, torch.Tensor] | None  # the step's loss parts (device tensors); None when it was skipped
     nonfinite: int  # micro-batches with a non-finite loss, summed over ranks
     stop: bool  # some rank was asked to stop (SIGTERM/SIGINT)
+    writes_done: bool = False  # no rank is still writing a checkpoint in the background
 
 
 def run_identity(cfg: Config) -> dict[str, Any]:
@@ -159,9 +160,14 @@ class Trainer:
                         status = "preempted"
                         self.say(f"stop requested at step {step}: saving a checkpoint and exiting")
                         break
-                    self.checkpoints.maybe_save(step, last=False)
-            self.checkpoints.maybe_save(self.state.step, last=True)
+                    self.checkpoints.maybe_save(step, last=False, writes_done=result.writes_done)
+            self.checkpoints.maybe_save(self.state.step, last=True)  # its files are written during the evaluation
             final_eval = self.log_eval(self.state.step) if status == "finished" and cfg.train.steps else {}
+            self.checkpoints.finish()
+        except NITPError as exc:
+            if getattr(exc, "raised_on_every_rank", False):  # every rank stops here: the save in flight completes
+                self.checkpoints.finish_pending()
+            raise
         finally:
             self.logger.close()
         return self.write_summary(status, final_eval)
@@ -243,7 +249,8 @@ class Trainer:
 
         Every rank runs forward and backward on every micro-batch, finite or not: ZeRO-3 and AutoEP keep the
         ranks in lockstep through collectives inside both passes. Then one small all-reduce counts the
-        non-finite losses of all ranks and micro-batches and the ranks asking to stop: the loop's only wait
+        non-finite losses of all ranks and micro-batches, the ranks asking to stop and those still writing a
+        checkpoint in the background: the loop's only wait
         on the device in a step (DeepSpeed's step has its own). If any loss was non-finite, the window's
         gradients are dropped and the optimizer, the lr schedule and the step count stay where they were;
         the data has moved on, so the step is retried on new batches.
@@ -269,8 +276,8 @@ class Trainer:
             engine.backward(loss)
             if micro < accum:
                 engine.step()  # inside the window: DeepSpeed only counts the micro-batch
-        flags = torch.stack([nonfinite, torch.tensor(float(self.state.stop_requested), device=self.device)])
-        bad, stopping = all_sum(flags, self.world_size).tolist()
+        flags = torch.tensor([float(self.state.stop_requested), float(self.checkpoints.writing())], device=self.device)
+        bad, stopping, writing = all_sum(torch.cat([nonfinite.reshape(1), flags]), self.world_size).tolist()
         if bad:
             discard_gradients(engine)
             return StepResult(None, int(bad), stopping > 0)
@@ -278,7 +285,7 @@ class Trainer:
         self.state.consumed_tokens += tokens
         if load is not None and load.numel():
             totals["load"] = load
-        return StepResult(totals, 0, stopping > 0)
+        return StepResult(totals, 0, stopping > 0, writes_done=writing == 0)
 
     def say(self, text: str) -> None:
         """Rank 0 prints a status line (info, warning, or a save error that the run goes past)."""

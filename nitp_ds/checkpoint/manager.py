@@ -12,6 +12,7 @@ records, skipping damaged ones with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import time
@@ -20,11 +21,12 @@ from typing import Any, Callable
 
 import torch
 
-from nitp_ds.checkpoint import integrity
+from nitp_ds.checkpoint import background, integrity
 from nitp_ds.checkpoint import state as ckpt
 from nitp_ds.config import Config
 from nitp_ds.distributed import all_gather, barrier, lost_peer, on_every_rank, world
 from nitp_ds.errors import NITPError
+from nitp_ds.memory import ranks_on_this_node
 from nitp_ds.resolve import ResolvedRun
 
 
@@ -43,6 +45,8 @@ class CheckpointManager:
         self.final_save_seconds: float | None = None
         self.intact_step: int | None = None  # the step of the checkpoint this process resumed from or saved last
         self.checksums: tuple[Path, integrity.BackgroundChecksums] | None = None  # the last save's, being computed
+        self.pending: tuple[int, Path, background.BackgroundWriter] | None = None  # a save whose files are being written
+        self.snapshot_budget = background.host_budget(ranks_on_this_node(self.world_size)) if cfg.checkpoint.async_save else 0
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -98,20 +102,40 @@ class CheckpointManager:
 
     # -- save --------------------------------------------------------------------------------
 
-    def maybe_save(self, step: int, last: bool) -> None:
+    def maybe_save(self, step: int, last: bool, writes_done: bool = False) -> None:
         """Save at step `step` when it is due: every checkpoint.every steps inside the run; at its last step
         (`last`: finished or stopped) unless this process resumed from or saved that step's checkpoint (a complete
-        one on disk is not enough: it may be the damaged one that resume skipped)."""
+        one on disk is not enough: it may be the damaged one that resume skipped). `writes_done`: every rank has
+        written the files of the save in the background (the step's all-reduce says it): it is marked complete."""
+        if writes_done and self.pending is not None:
+            self.finish_pending()
         if last:
+            self.finish_pending()
             if self.cfg.train.steps and step != self.intact_step:
                 self.final_save_seconds = self.save()
-            self.add_checksums()  # the run ends with every checkpoint's CRC-32s recorded
         elif self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0 and step < self.cfg.train.steps:
             self.save_seconds.append((step, self.save()))
 
-    def save(self) -> float:
-        """Save this step's checkpoint; the seconds training waited for it (a phase of the run's summary)."""
+    def writing(self) -> bool:
+        """This rank's files of the last save are still being written in the background."""
+        return self.pending is not None and self.pending[2].busy()
+
+    def finish(self) -> None:
+        """The run's end: wait for the last save's files, mark it complete, and record every checksum."""
         started = time.perf_counter()
+        waited = self.pending is not None
+        self.finish_pending()
+        if waited and self.final_save_seconds is not None:  # the end waited for the final save's files too
+            self.final_save_seconds += time.perf_counter() - started
+        self.add_checksums()  # the run ends with every checkpoint's CRC-32s recorded
+
+    def save(self) -> float:
+        """Save this step's checkpoint; the seconds training waited for it (a phase of the run's summary).
+
+        With checkpoint.async_save the state is copied to host memory and the files are written by a thread
+        (`background.py`); the checkpoint is marked complete once every rank has written its files."""
+        started = time.perf_counter()
+        self.finish_pending()  # one save in flight at a time
         self.add_checksums()  # the previous save's, computed while training went on (done by now, as a rule)
         step = self.progress.step
         tag = ckpt.tag_for(step)
@@ -121,15 +145,46 @@ class CheckpointManager:
         barrier()
         client = {"step": step, "consumed_tokens": self.progress.consumed_tokens,
                   "skipped": self.progress.skipped_steps, "loader": self.loader.state_dict(), "rng": capture_rng()}
+        writer = background.BackgroundWriter(self.engine.checkpoint_engine, self.snapshot_budget) \
+            if self.cfg.checkpoint.async_save else None
         records = None
         try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-            records = integrity.size_records(tag_dir, self.rank, self.world_size)
+            with writing_through(self.engine, writer):
+                self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+            if writer is None:
+                records = integrity.size_records(tag_dir, self.rank, self.world_size)
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-            if lost_peer(exc):
-                raise  # not this disk: another rank is gone (the trainer ends the run in one line)
-            self.say(f"error: checkpoint save to {tag_dir} failed ({getattr(exc, 'strerror', None) or exc}); "
-                     "the previous checkpoint is still valid")
+            self.save_failed(tag_dir, exc)
+            writer = None
+        if writer is not None:
+            self.pending = (step, tag_dir, writer)
+        else:
+            self.complete(step, tag_dir, records)
+        return time.perf_counter() - started
+
+    def finish_pending(self) -> None:
+        """Every rank: wait for the files of the save being written in the background, then mark it complete."""
+        if self.pending is None:
+            return
+        step, tag_dir, writer = self.pending
+        self.pending = None
+        error = writer.wait()
+        records = None
+        if error is None:
+            records = integrity.size_records(tag_dir, self.rank, self.world_size)
+        else:
+            self.save_failed(tag_dir, error)
+        self.complete(step, tag_dir, records)
+
+    def save_failed(self, tag_dir: Path, exc: BaseException) -> None:
+        if lost_peer(exc):
+            raise exc  # not this disk: another rank is gone (the trainer ends the run in one line)
+        self.say(f"error: checkpoint save to {tag_dir} failed ({getattr(exc, 'strerror', None) or exc}); "
+                 "the previous checkpoint is still valid")
+
+    def complete(self, step: int, tag_dir: Path, records: dict | None) -> None:
+        """Every rank: agree that every rank wrote its files (`records`, None where it failed); rank 0 then marks
+        the checkpoint complete, points `latest` at it and prunes; the CRC-32s start in a thread."""
         everyone = all_gather(records, self.world_size)
         if any(r is None for r in everyone):
             if self.is_main:
@@ -140,13 +195,12 @@ class CheckpointManager:
         if self.is_main:
             files = {name: record for rank_records in everyone for name, record in rank_records.items()}
             ckpt.mark_complete(tag_dir, {**self.meta(step), integrity.FILES_KEY: files})
-            ckpt.update_latest(self.ckpt_dir, tag)
+            ckpt.update_latest(self.ckpt_dir, tag_dir.name)
             prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         barrier()
         self.intact_step = step
-        # Read back in a thread at once, from the page cache: the bytes DeepSpeed just wrote, not a later copy.
+        # Read back in a thread at once, from the page cache: the bytes just written, not a later copy.
         self.checksums = (tag_dir, integrity.BackgroundChecksums(tag_dir, self.rank, self.world_size))
-        return time.perf_counter() - started
 
     def add_checksums(self) -> None:
         """Every rank: wait for the CRC-32s of the last save; rank 0 adds them to its nitp_meta.json records.
@@ -178,6 +232,19 @@ class CheckpointManager:
                 "tokenizer_dir": str(self.data.tokenizer_dir.resolve()) if self.data.tokenizer_dir else None,
                 "data_dir": str(Path(cfg.data.path).resolve()), "world_size": run.world_size,
                 "autoep_size": run.autoep_size, "consumed_tokens": self.progress.consumed_tokens}
+
+
+@contextlib.contextmanager
+def writing_through(engine, writer):
+    """DeepSpeed's `save_checkpoint` hands its files to `writer` (None: to its own engine, which writes at once)."""
+    if writer is None:
+        yield
+        return
+    own, engine.checkpoint_engine = engine.checkpoint_engine, writer
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = own
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

@@ -1,0 +1,129 @@
+"""Checkpoint saves that do not stall training: the state copied to host memory, the files written by a thread.
+
+`BackgroundWriter` is a DeepSpeed checkpoint engine for one `engine.save_checkpoint` call. DeepSpeed hands it
+each file's state dict (`save`); it copies the tensors into host memory (`host_snapshot`, storage by storage, so
+views that share a storage still share it, as in `torch.save`) and queues the file; `commit` starts one thread
+that writes the queued files with the run's own engine (the same `torch.save` format), while training goes on:
+`torch.save` releases the GIL while it writes. A file whose snapshot would not fit in the host memory budget is
+written at once instead (the save then blocks for it, as before).
+
+A checkpoint is complete only when every rank has written its files and rank 0 has marked it
+(`CheckpointManager`): a run killed while the thread writes leaves an incomplete checkpoint, which resume skips.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+
+def state_bytes(obj: Any, seen: set | None = None) -> int:
+    """Bytes of the distinct tensor storages in a (nested) state dict."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v, seen) for v in obj)
+    return 0
+
+
+def host_snapshot(obj: Any, memo: dict | None = None) -> Any:
+    """A copy of a (nested) state dict that later training cannot change: every tensor storage copied once into
+    host memory (device tensors moved, host tensors cloned), views rebuilt on the copies; dicts, lists and tuples
+    rebuilt; anything else deep-copied where it can be."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            return obj
+        storage = obj.untyped_storage()
+        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        if key not in memo:
+            memo[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+        view = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
+        return torch.nn.Parameter(view, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else view
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, host_snapshot(v, memo)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(host_snapshot(v, memo) for v in obj)
+    try:
+        return copy.deepcopy(obj)
+    except Exception:  # an object that cannot be copied is saved as it is when the thread writes it
+        return obj
+
+
+class BackgroundWriter(CheckpointEngine):
+    """The checkpoint engine of one save: snapshots now, files written by a thread after `commit`.
+
+    `files` is the run's own engine (DeepSpeed's torch engine), which writes each file and loads them back;
+    `budget` is the host memory this rank may hold in snapshots: a file beyond it is written at once.
+    """
+
+    def __init__(self, files: CheckpointEngine, budget: int):
+        super().__init__()
+        self.name = "nitp-background"
+        self.files, self.budget = files, budget
+        self.queue: list[tuple[Any, str]] = []
+        self.queued_bytes = 0
+        self.inline_files = 0  # files written at once, beyond the budget
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def create(self, info) -> None:
+        self.files.create(info)
+
+    def save(self, state_dict, path: str) -> None:
+        size = state_bytes(state_dict)
+        if self.queued_bytes + size > self.budget:
+            self.files.save(state_dict, path)
+            self.inline_files += 1
+            return
+        self.queue.append((host_snapshot(state_dict), path))
+        self.queued_bytes += size
+
+    def load(self, path: str, map_location=None):
+        return self.files.load(path, map_location=map_location)
+
+    def commit(self, info) -> bool:
+        """DeepSpeed calls this once every file of the save is handed over: the writing starts."""
+        self.thread = threading.Thread(target=self._write, name="nitp-checkpoint-writer", daemon=True)
+        self.thread.start()
+        return True
+
+    def _write(self) -> None:
+        try:
+            while self.queue:
+                state, path = self.queue.pop(0)
+                self.files.save(state, path)
+                del state  # its host memory goes as soon as its file is written
+        except BaseException as exc:  # the manager reports it where the ranks agree on the save
+            self.error = exc
+            self.queue.clear()
+
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self) -> BaseException | None:
+        """Wait for the files to be written; the error that stopped the writing, if any."""
+        if self.thread is not None:
+            self.thread.join()
+        return self.error
+
+
+def host_budget(ranks_on_node: int) -> int:
+    """Host memory one rank may hold in checkpoint snapshots: 3/4 of what is available now, shared by the node's
+    ranks (they snapshot at the same time)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.75 / max(ranks_on_node, 1))
