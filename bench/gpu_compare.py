@@ -2,9 +2,13 @@
 
 Usage (one device call runs the whole table):
     python bench/gpu_compare.py --data DIR [--shapes A B] [--steps 20] [--variants baseline ntp nitp ...]
-        [--profile] [--out DIR]
+        [--repeats 3] [--deadline 540] [--profile] [--out DIR]
 
-Every variant runs in a fresh child process on the same device, one after the other:
+Every variant runs in a fresh child process on the same device, one after the other, repeated --repeats times
+interleaved (A B C A B C ...: the machine's drift hits every variant alike); each row reports the median and
+the min-max over the repeats, and the ratio to the baseline of the same repeat. No run starts after
+--deadline seconds (the rest are reported as not run); NITP_BENCH_TIMEOUT bounds each run. The host's CPU
+model and the GPU are printed with the table (shape A is host-bound: its figures follow the CPU).
 - `baseline`: the stock model under `deepspeed.initialize` (ZeRO-3, bf16, fused torch AdamW), loss =
   the model's own CE + 0.001 · its router aux loss, random tokens: what a user gets without nitp-ds.
 - `ntp`: `nitp train` with λ = 0 and no head; `nitp`: `nitp train` with the default SwiGLU head, λ = 1.
@@ -40,7 +44,7 @@ SHAPES = {
     # a smoke-test shape that runs on a CPU in seconds (DS_ACCELERATOR=cpu, --ds-config ds_configs/zero3_moe_cpu.json)
     "tiny": {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
              "model.num_experts": 4, "model.experts_per_token": 2, "model.moe_intermediate_size": 32,
-             "model.intermediate_size": 128, "model.vocab_size": 512, "model.max_seq_len": 128, "data.seq_len": 128,
+             "model.intermediate_size": 128, "model.vocab_size": 16384, "model.max_seq_len": 128, "data.seq_len": 128,
              "train.micro_batch_size": 2, "nitp.target_layer": 1},
 }
 
@@ -143,63 +147,98 @@ def run_baseline(args, shape: dict, work: Path, experts: str | None) -> dict:
     return json.loads(out.read_text())
 
 
+def machine() -> dict[str, str]:
+    """The CPU model and the GPU, recorded with every table."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": f"{cpu} ({os.cpu_count()} cores)", "gpu": gpu}
+
+
+def run_one(args, shape_name: str, variant: str) -> dict:
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if variant.startswith("baseline"):  # baseline, baseline-eager, baseline-grouped_mm
+                experts = variant.split("-", 1)[1] if "-" in variant else None
+                result = run_baseline(args, SHAPES[shape_name], Path(tmp), experts)
+            else:
+                result = run_nitp(args, SHAPES[shape_name], VARIANTS[variant], Path(tmp), variant in args.profile)
+        except RuntimeError as exc:
+            result = {"error": str(exc)[-1500:]}
+    result["wall_s"] = round(time.time() - start, 1)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--shapes", nargs="+", default=["A", "B"])
     parser.add_argument("--variants", nargs="+", default=["baseline", "ntp", "nitp"])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every variant, interleaved")
+    parser.add_argument("--deadline", type=float, default=540, help="seconds after which no run starts")
     parser.add_argument("--ds-config", default="ds_configs/zero3_moe.json")
     parser.add_argument("--profile", nargs="*", default=[], help="variants to profile (torch.profiler, 3 steps)")
     parser.add_argument("--out", default=None, help="write results.json (and profiles) here")
     args = parser.parse_args()
     out = Path(args.out) if args.out else None
-    table: dict[str, dict[str, dict]] = {}
-    for shape_name in args.shapes:
-        table[shape_name] = {}
-        for variant in args.variants:
-            start = time.time()
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    if variant.startswith("baseline"):  # baseline, baseline-eager, baseline-grouped_mm
-                        experts = variant.split("-", 1)[1] if "-" in variant else None
-                        result = run_baseline(args, SHAPES[shape_name], Path(tmp), experts)
-                    else:
-                        result = run_nitp(args, SHAPES[shape_name], VARIANTS[variant], Path(tmp),
-                                          variant in args.profile)
-                except RuntimeError as exc:
-                    result = {"error": str(exc)[-1500:]}
-            result["wall_s"] = round(time.time() - start, 1)
-            table[shape_name][variant] = result
-            if out:
-                out.mkdir(parents=True, exist_ok=True)
-                if "profile" in result:
-                    (out / f"profile_{shape_name}_{variant}.txt").write_text(result.pop("profile"))
-                (out / "results.json").write_text(json.dumps(table, indent=2))
-            print(f"[{shape_name}/{variant}] {json.dumps({k: v for k, v in result.items() if k != 'profile'})}",
-                  flush=True)
-    print_table(table)
+    started = time.time()
+    host = machine()
+    print(f"machine: {host['cpu']}; GPU: {host['gpu']}", flush=True)
+    runs: dict[str, dict[str, list[dict]]] = {shape: {variant: [] for variant in args.variants} for shape in args.shapes}
+    for repeat in range(args.repeats):
+        for shape_name in args.shapes:
+            for variant in args.variants:
+                if time.time() - started > args.deadline:
+                    continue
+                result = run_one(args, shape_name, variant)
+                runs[shape_name][variant].append(result)
+                if out:
+                    out.mkdir(parents=True, exist_ok=True)
+                    if "profile" in result:
+                        (out / f"profile_{shape_name}_{variant}_{repeat}.txt").write_text(result.pop("profile"))
+                    (out / "results.json").write_text(json.dumps({"machine": host, "runs": runs}, indent=2))
+                print(f"[{shape_name}/{variant} #{repeat + 1}] "
+                      f"{json.dumps({k: v for k, v in result.items() if k != 'profile'})}", flush=True)
+    print_table(runs, host)
 
 
-def print_table(table: dict[str, dict[str, dict]]) -> None:
-    print(f"\n{'shape':<6}{'variant':<19}{'tokens/s':>11}{'step ms':>9}{'vs base':>9}{'MFU':>7}{'peak GiB':>10}"
-          f"{'loss':>8}")
-    for shape_name, rows in table.items():
-        shape = SHAPES[shape_name]
-        step_tokens = shape["train.micro_batch_size"] * shape["data.seq_len"] * shape.get("train.grad_accum", 1)
-        base = rows.get("baseline", {}).get("tokens_per_s")
-        for name, r in rows.items():
-            if "error" in r:
-                print(f"{shape_name:<6}{name:<19} failed: {r['error'][:300]}")
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    """median [min to max] of the repeats."""
+    if not values:
+        return "-"
+    text = fmt.format(statistics.median(values))
+    return text if len(values) == 1 else f"{text} [{fmt.format(min(values))} to {fmt.format(max(values))}]"
+
+
+def print_table(runs: dict[str, dict[str, list[dict]]], host: dict[str, str]) -> None:
+    print(f"\nmachine: {host['cpu']}; GPU: {host['gpu']}; median [min to max] over the repeats")
+    print(f"{'shape':<6}{'variant':<19}{'runs':>5}  {'tokens/s':<26}{'vs baseline (same repeat)':<28}{'MFU':>7}"
+          f"{'peak GiB':>10}{'loss':>8}")
+    for shape_name, rows in runs.items():
+        base = [r.get("tokens_per_s") for r in rows.get("baseline", [])]
+        for name, results in rows.items():
+            good = [r for r in results if "error" not in r]
+            failed = [r for r in results if "error" in r]
+            if not good:
+                reason = failed[0]["error"][:300] if failed else "not run (deadline)"
+                print(f"{shape_name:<6}{name:<19}{len(results):>5}  failed: {reason}")
                 continue
-            ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-            print(f"{shape_name:<6}{name:<19}{r['tokens_per_s']:>11,.0f}{1000 * step_tokens / r['tokens_per_s']:>9.1f}"
-                  f"{ratio:>9}{100 * r['mfu']:>6.1f}%{r['memory_gib']:>10.1f}{r['loss']:>8.3f}")
+            ratios = [r["tokens_per_s"] / b for r, b in zip(results, base) if "error" not in r and b]
+            print(f"{shape_name:<6}{name:<19}{len(good):>5}  {spread([r['tokens_per_s'] for r in good]):<26}"
+                  f"{spread(ratios, '{:.2f}x') if ratios and name != 'baseline' else '-':<28}"
+                  f"{100 * statistics.median(r['mfu'] for r in good):>6.1f}%"
+                  f"{max(r['memory_gib'] for r in good):>10.1f}{good[-1]['loss']:>8.3f}")
         for suffix in ("", "-1gpu"):
-            ntp, nitp = rows.get("ntp" + suffix), rows.get("nitp" + suffix)
-            if ntp and nitp and "error" not in ntp and "error" not in nitp:
-                print(f"{shape_name:<6}NITP overhead in step time (ntp{suffix} -> nitp{suffix}): "
-                      f"{100 * (ntp['tokens_per_s'] / nitp['tokens_per_s'] - 1):+.1f}%")
+            ntp, nitp = rows.get("ntp" + suffix, []), rows.get("nitp" + suffix, [])
+            pairs = [a["tokens_per_s"] / b["tokens_per_s"] - 1 for a, b in zip(ntp, nitp)
+                     if "error" not in a and "error" not in b]
+            if pairs:
+                print(f"{shape_name:<6}NITP overhead in step time (ntp{suffix} -> nitp{suffix}, same repeat): "
+                      f"{spread([100 * x for x in pairs], '{:+.1f}%')}")
 
 
 if __name__ == "__main__":

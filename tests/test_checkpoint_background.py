@@ -47,6 +47,22 @@ def test_writer_writes_after_commit_what_torch_save_writes(tmp_path):
     assert writer.inline_files == 0
 
 
+def test_the_next_save_copies_into_the_host_memory_of_the_last_one(tmp_path):
+    from nitp_ds.checkpoint.background import HostBuffers
+
+    buffers, original = HostBuffers(), state()
+    for step in (1, 2):
+        writer = BackgroundWriter(TorchCheckpointEngine(), budget=1 << 30, buffers=buffers)
+        writer.save(original, str(tmp_path / f"{step}.pt"))
+        assert buffers.held_bytes() == 0  # the second save took every storage back out of the pool
+        writer.commit(None)
+        assert writer.wait() is None
+        assert buffers.held_bytes() == state_bytes(original)  # given back once written
+        original["flat"].add_(1)  # training goes on between the saves
+    first, second = (torch.load(tmp_path / f"{step}.pt", weights_only=False) for step in (1, 2))
+    assert torch.equal(second["flat"], first["flat"] + 1) and torch.equal(second["views"][1], first["views"][1] + 1)
+
+
 def test_a_file_beyond_the_host_budget_is_written_at_once(tmp_path):
     writer = BackgroundWriter(TorchCheckpointEngine(), budget=10)
     writer.save(state(), str(tmp_path / "big.pt"))

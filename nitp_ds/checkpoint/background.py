@@ -4,8 +4,10 @@
 each file's state dict (`save`); it copies the tensors into host memory (`host_snapshot`, storage by storage, so
 views that share a storage still share it, as in `torch.save`) and queues the file; `commit` starts one thread
 that writes the queued files with the run's own engine (the same `torch.save` format), while training goes on:
-`torch.save` releases the GIL while it writes. A file whose snapshot would not fit in the host memory budget is
-written at once instead (the save then blocks for it, as before).
+`torch.save` releases the GIL while it writes. The host memory is kept from one save to the next (`HostBuffers`):
+copying into memory already in place is several times faster than into fresh pages (measured on a CPU: 14 GB/s
+against 2.9). A file whose snapshot would not fit in the host memory budget is written at once instead (the
+save then blocks for it, as before).
 
 A checkpoint is complete only when every rank has written its files and rank 0 has marked it
 (`CheckpointManager`): a run killed while the thread writes leaves an incomplete checkpoint, which resume skips.
@@ -39,10 +41,35 @@ def state_bytes(obj: Any, seen: set | None = None) -> int:
     return 0
 
 
-def host_snapshot(obj: Any, memo: dict | None = None) -> Any:
+class HostBuffers:
+    """Host storages kept from one save to the next, by size: a run's saves copy the same storages every time."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[torch.UntypedStorage]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.UntypedStorage:
+        with self.lock:
+            stack = self.free.get(nbytes)
+            if stack:
+                return stack.pop()
+        return torch.UntypedStorage(nbytes)
+
+    def give_back(self, storages: list[torch.UntypedStorage]) -> None:
+        with self.lock:
+            for storage in storages:
+                self.free.setdefault(storage.nbytes(), []).append(storage)
+
+    def held_bytes(self) -> int:
+        with self.lock:
+            return sum(size * len(stack) for size, stack in self.free.items())
+
+
+def host_snapshot(obj: Any, memo: dict | None = None, buffers: HostBuffers | None = None) -> Any:
     """A copy of a (nested) state dict that later training cannot change: every tensor storage copied once into
-    host memory (device tensors moved, host tensors cloned), views rebuilt on the copies; dicts, lists and tuples
-    rebuilt; anything else deep-copied where it can be."""
+    host memory (from `buffers` when given), views rebuilt on the copies; dicts, lists and tuples rebuilt;
+    anything else deep-copied where it can be. Device copies are complete when it returns."""
+    top = memo is None
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         if obj.device.type == "meta":
@@ -50,30 +77,62 @@ def host_snapshot(obj: Any, memo: dict | None = None) -> Any:
         storage = obj.untyped_storage()
         key = (storage.device, storage.data_ptr(), storage.nbytes())
         if key not in memo:
-            memo[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+            memo[key] = copy_storage(storage, buffers)
         view = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
-        return torch.nn.Parameter(view, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else view
-    if type(obj) in (dict, OrderedDict):
-        return type(obj)((k, host_snapshot(v, memo)) for k, v in obj.items())
-    if type(obj) in (list, tuple):
-        return type(obj)(host_snapshot(v, memo) for v in obj)
-    try:
-        return copy.deepcopy(obj)
-    except Exception:  # an object that cannot be copied is saved as it is when the thread writes it
-        return obj
+        out = torch.nn.Parameter(view, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else view
+    elif type(obj) in (dict, OrderedDict):
+        out = type(obj)((k, host_snapshot(v, memo, buffers)) for k, v in obj.items())
+    elif type(obj) in (list, tuple):
+        out = type(obj)(host_snapshot(v, memo, buffers) for v in obj)
+    else:
+        try:
+            out = copy.deepcopy(obj)
+        except Exception:  # an object that cannot be copied is saved as it is when the thread writes it
+            out = obj
+    if top and any(device.type == "cuda" for device, _, _ in memo):
+        torch.cuda.synchronize()
+    return out
+
+
+def copy_storage(storage: torch.UntypedStorage, buffers: HostBuffers | None) -> torch.UntypedStorage:
+    host = buffers.take(storage.nbytes()) if buffers is not None else torch.UntypedStorage(storage.nbytes())
+    if storage.nbytes():
+        source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        torch.empty(0, dtype=torch.uint8).set_(host).copy_(source, non_blocking=storage.device.type == "cuda")
+    return host
+
+
+def storages_of(obj: Any) -> list[torch.UntypedStorage]:
+    """The distinct host storages of a snapshot."""
+    found: dict[int, torch.UntypedStorage] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            found.setdefault(value.untyped_storage()._cdata, value.untyped_storage())
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return list(found.values())
 
 
 class BackgroundWriter(CheckpointEngine):
     """The checkpoint engine of one save: snapshots now, files written by a thread after `commit`.
 
     `files` is the run's own engine (DeepSpeed's torch engine), which writes each file and loads them back;
-    `budget` is the host memory this rank may hold in snapshots: a file beyond it is written at once.
+    `budget` is the host memory this rank may hold in snapshots: a file beyond it is written at once;
+    `buffers`, the host memory kept between saves, which the snapshots are copied into and go back to once written.
     """
 
-    def __init__(self, files: CheckpointEngine, budget: int):
+    def __init__(self, files: CheckpointEngine, budget: int, buffers: HostBuffers | None = None):
         super().__init__()
         self.name = "nitp-background"
         self.files, self.budget = files, budget
+        self.buffers = buffers if buffers is not None else HostBuffers()
         self.queue: list[tuple[Any, str]] = []
         self.queued_bytes = 0
         self.inline_files = 0  # files written at once, beyond the budget
@@ -89,7 +148,7 @@ class BackgroundWriter(CheckpointEngine):
             self.files.save(state_dict, path)
             self.inline_files += 1
             return
-        self.queue.append((host_snapshot(state_dict), path))
+        self.queue.append((host_snapshot(state_dict, buffers=self.buffers), path))
         self.queued_bytes += size
 
     def load(self, path: str, map_location=None):
@@ -106,7 +165,8 @@ class BackgroundWriter(CheckpointEngine):
             while self.queue:
                 state, path = self.queue.pop(0)
                 self.files.save(state, path)
-                del state  # its host memory goes as soon as its file is written
+                self.buffers.give_back(storages_of(state))  # for the next save
+                del state
         except BaseException as exc:  # the manager reports it where the ranks agree on the save
             self.error = exc
             self.queue.clear()
@@ -121,9 +181,9 @@ class BackgroundWriter(CheckpointEngine):
         return self.error
 
 
-def host_budget(ranks_on_node: int) -> int:
+def host_budget(ranks_on_node: int, buffers: HostBuffers) -> int:
     """Host memory one rank may hold in checkpoint snapshots: 3/4 of what is available now, shared by the node's
-    ranks (they snapshot at the same time)."""
+    ranks (they snapshot at the same time), plus what it already keeps for them."""
     import psutil
 
-    return int(psutil.virtual_memory().available * 0.75 / max(ranks_on_node, 1))
+    return int(psutil.virtual_memory().available * 0.75 / max(ranks_on_node, 1)) + buffers.held_bytes()

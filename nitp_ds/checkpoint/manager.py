@@ -24,6 +24,7 @@ import torch
 from nitp_ds.checkpoint import background, integrity
 from nitp_ds.checkpoint import state as ckpt
 from nitp_ds.config import Config
+from nitp_ds.console import debug_enabled
 from nitp_ds.distributed import all_gather, barrier, lost_peer, on_every_rank, world
 from nitp_ds.errors import NITPError
 from nitp_ds.memory import ranks_on_this_node
@@ -46,7 +47,7 @@ class CheckpointManager:
         self.intact_step: int | None = None  # the step of the checkpoint this process resumed from or saved last
         self.checksums: tuple[Path, integrity.BackgroundChecksums] | None = None  # the last save's, being computed
         self.pending: tuple[int, Path, background.BackgroundWriter] | None = None  # a save whose files are being written
-        self.snapshot_budget = background.host_budget(ranks_on_this_node(self.world_size)) if cfg.checkpoint.async_save else 0
+        self.host_buffers = background.HostBuffers()  # the snapshots' host memory, kept from one save to the next
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -145,8 +146,10 @@ class CheckpointManager:
         barrier()
         client = {"step": step, "consumed_tokens": self.progress.consumed_tokens,
                   "skipped": self.progress.skipped_steps, "loader": self.loader.state_dict(), "rng": capture_rng()}
-        writer = background.BackgroundWriter(self.engine.checkpoint_engine, self.snapshot_budget) \
-            if self.cfg.checkpoint.async_save else None
+        writer = None
+        if self.cfg.checkpoint.async_save:
+            budget = background.host_budget(ranks_on_this_node(self.world_size), self.host_buffers)
+            writer = background.BackgroundWriter(self.engine.checkpoint_engine, budget, self.host_buffers)
         records = None
         try:
             with writing_through(self.engine, writer):
@@ -158,6 +161,9 @@ class CheckpointManager:
             writer = None
         if writer is not None:
             self.pending = (step, tag_dir, writer)
+            self.debug(f"checkpoint {tag}: training waited {time.perf_counter() - started:.1f} s "
+                       f"({writer.queued_bytes / 2**30:.2f} GiB copied to host memory, {writer.inline_files} "
+                       "file(s) written at once); the rest is written in the background")
         else:
             self.complete(step, tag_dir, records)
         return time.perf_counter() - started
@@ -168,13 +174,19 @@ class CheckpointManager:
             return
         step, tag_dir, writer = self.pending
         self.pending = None
+        waiting = time.perf_counter()
         error = writer.wait()
+        self.debug(f"checkpoint {tag_dir.name}: files written; waited {time.perf_counter() - waiting:.1f} s for them")
         records = None
         if error is None:
             records = integrity.size_records(tag_dir, self.rank, self.world_size)
         else:
             self.save_failed(tag_dir, error)
         self.complete(step, tag_dir, records)
+
+    def debug(self, text: str) -> None:
+        if debug_enabled():
+            self.say(text)
 
     def save_failed(self, tag_dir: Path, exc: BaseException) -> None:
         if lost_peer(exc):
