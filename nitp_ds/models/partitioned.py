@@ -35,13 +35,14 @@ def zero3_enabled(ds_config: dict[str, Any] | None) -> bool:
 def construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
     """Modules built in this context are partitioned as they are built (ZeRO-3) and left uninitialised.
 
-    Without ZeRO-3 in `ds_config` the modules are built whole, still uninitialised. DeepSpeed's memory-efficient
-    linear (a global replacement of `F.linear` that outlives the context) is left off: the engine does not
-    need it, and it would change how every later linear layer computes.
+    Without ZeRO-3 in `ds_config` the modules are built whole, still uninitialised. `zero.Init` also installs
+    DeepSpeed's memory-efficient linear as the process's `F.linear` when the ds_config's
+    `zero_optimization.memory_efficient_linear` says so (DeepSpeed's default; its own argument is overridden by
+    the config): it saves a linear layer's input, not its gathered weight, for backward.
     """
     from transformers.initialization import no_init_weights
 
-    partitioning = (_trimming_zero_init()(config_dict_or_path=ds_config, mem_efficient_linear=False)
+    partitioning = (_trimming_zero_init()(config_dict_or_path=ds_config)
                     if zero3_enabled(ds_config) else contextlib.nullcontext())
     with no_init_weights(), partitioning:
         yield
