@@ -16,7 +16,7 @@ from nitp_ds.checkpoint.background import BackgroundWriter, host_snapshot, state
 def state():
     flat = torch.arange(12, dtype=torch.float32)
     return {"flat": flat, "views": [flat[:4], flat[4:]], "bf16": torch.ones(3, dtype=torch.bfloat16),
-            "param": torch.nn.Parameter(torch.zeros(2)), "step": 7, "name": "adam", "nested": {"betas": (0.9, 0.95)}}
+            "param": torch.nn.Parameter(torch.zeros(2)), "grad": torch.ones(2, requires_grad=True), "step": 7, "name": "adam", "nested": {"betas": (0.9, 0.95)}}
 
 
 def test_snapshot_is_independent_of_later_training_and_keeps_shared_storages_shared():
@@ -28,8 +28,9 @@ def test_snapshot_is_independent_of_later_training_and_keeps_shared_storages_sha
     assert torch.equal(snap["views"][1], torch.arange(4, 12, dtype=torch.float32))
     assert snap["views"][0].untyped_storage().data_ptr() == snap["flat"].untyped_storage().data_ptr()
     assert isinstance(snap["param"], torch.nn.Parameter) and torch.equal(snap["param"], torch.zeros(2))
+    assert snap["grad"].requires_grad and not snap["flat"].requires_grad  # torch.save keeps the flag
     assert snap["bf16"].dtype == torch.bfloat16 and snap["nested"] == {"betas": (0.9, 0.95)} and snap["step"] == 7
-    assert state_bytes(original) == 12 * 4 + 3 * 2 + 2 * 4  # the shared storage counted once
+    assert state_bytes(original) == 12 * 4 + 3 * 2 + 2 * 4 + 2 * 4  # the shared storage counted once
 
 
 def test_writer_writes_after_commit_what_torch_save_writes(tmp_path):

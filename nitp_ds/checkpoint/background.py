@@ -29,7 +29,7 @@ def state_bytes(obj: Any, seen: set | None = None) -> int:
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
-        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        key = storage._cdata  # one per storage, as torch.save tells them apart
         if key in seen or obj.device.type == "meta":
             return 0
         seen.add(key)
@@ -67,19 +67,24 @@ class HostBuffers:
 
 def host_snapshot(obj: Any, memo: dict | None = None, buffers: HostBuffers | None = None) -> Any:
     """A copy of a (nested) state dict that later training cannot change: every tensor storage copied once into
-    host memory (from `buffers` when given), views rebuilt on the copies; dicts, lists and tuples rebuilt;
-    anything else deep-copied where it can be. Device copies are complete when it returns."""
+    host memory (from `buffers` when given), views rebuilt on the copies, with their Python attributes; dicts,
+    lists and tuples rebuilt; anything else deep-copied where it can be. An object met twice is copied once, as
+    torch.save writes it once. Device copies are complete when it returns."""
     top = memo is None
     memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        if obj.device.type == "meta":
-            return obj
+    ident = ("object", id(obj))
+    if ident in memo:
+        return memo[ident][1]
+    if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
         storage = obj.untyped_storage()
-        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        key = ("storage", storage._cdata)  # one per storage, as torch.save tells them apart
         if key not in memo:
             memo[key] = copy_storage(storage, buffers)
         view = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
+        view.requires_grad_(obj.requires_grad)  # torch.save keeps the flag
         out = torch.nn.Parameter(view, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else view
+        # and its Python attributes (DeepSpeed's ds_id, ds_shape, ...), which torch.save writes too
+        out.__dict__.update({name: host_snapshot(value, memo, buffers) for name, value in vars(obj).items()})
     elif type(obj) in (dict, OrderedDict):
         out = type(obj)((k, host_snapshot(v, memo, buffers)) for k, v in obj.items())
     elif type(obj) in (list, tuple):
@@ -89,8 +94,9 @@ def host_snapshot(obj: Any, memo: dict | None = None, buffers: HostBuffers | Non
             out = copy.deepcopy(obj)
         except Exception:  # an object that cannot be copied is saved as it is when the thread writes it
             out = obj
-    if top and any(device.type == "cuda" for device, _, _ in memo):
-        torch.cuda.synchronize()
+    memo[ident] = (obj, out)  # obj kept alive: its id stays its own
+    if top and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the device-to-host copies are done
     return out
 
 
