@@ -2,8 +2,9 @@
 
 `CheckpointManager` sits on top of DeepSpeed's `save_checkpoint` / `load_checkpoint`; the file-level pieces
 (`nitp_meta.json`, `latest`, finding a complete checkpoint) are in `state.py`, shared with convert and export.
-A save is complete when rank 0 has written `nitp_meta.json` after every rank finished writing; `latest`
-then names it, and the oldest complete ones beyond checkpoint.keep_last are deleted. Each rank records the
+A save is complete when rank 0 has written `nitp_meta.json` after every rank finished writing (with
+checkpoint.async_save a thread writes each rank's files, `background.py`, and the step's all-reduce tells the
+ranks when all are done); `latest` then names it, and the oldest complete ones beyond checkpoint.keep_last are deleted. Each rank records the
 size of the files it wrote (`integrity.py`) before the ranks agree that the save succeeded; the records go
 into `nitp_meta.json`. Their CRC-32s are computed in a thread while training goes on and added at the next
 save or at the end of the run. `--resume auto` takes the newest complete checkpoint whose files match the
