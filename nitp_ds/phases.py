@@ -34,7 +34,6 @@ class Phases:
         """`say`, if given, is told each start-up part as it ends (`nitp train --debug`: where a slow start is)."""
         self.say = say
         self.start = process_start()
-        self.first_step: float | None = None
         self.last_step: float | None = None
         self.marks: dict[str, float] = {}  # start-up part -> when it ended
 
@@ -46,8 +45,7 @@ class Phases:
 
     def step_done(self) -> None:
         now = time.time()
-        if self.first_step is None:
-            self.first_step = now
+        if "first_step" not in self.marks:
             self.mark("first_step", now)
         self.last_step = now
 
@@ -56,7 +54,7 @@ class Phases:
         "final_save_s", "end_s", "total_s"}; the step times are None in a run that made no step (e.g. resumed at
         its last step)."""
         now = time.time()
-        first, last = self.first_step, self.last_step
+        first, last = self.marks.get("first_step"), self.last_step
         parts, previous = {}, self.start
         for part, end in self.marks.items():
             parts[part], previous = end - previous, end

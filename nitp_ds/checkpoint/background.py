@@ -71,7 +71,7 @@ def host_snapshot(obj: Any, memo: dict | None = None, buffers: HostBuffers | Non
     lists and tuples rebuilt; anything else deep-copied where it can be. An object met twice is copied once, as
     torch.save writes it once. Device copies are complete when it returns."""
     top = memo is None
-    memo = {} if memo is None else memo
+    memo = {} if memo is None else memo  # ("storage", id) -> its host copy; ("object", id) -> (object, copy)
     ident = ("object", id(obj))
     if ident in memo:
         return memo[ident][1]
@@ -108,24 +108,6 @@ def copy_storage(storage: torch.UntypedStorage, buffers: HostBuffers | None) -> 
     return host
 
 
-def storages_of(obj: Any) -> list[torch.UntypedStorage]:
-    """The distinct host storages of a snapshot."""
-    found: dict[int, torch.UntypedStorage] = {}
-
-    def visit(value: Any) -> None:
-        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-            found.setdefault(value.untyped_storage()._cdata, value.untyped_storage())
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    visit(obj)
-    return list(found.values())
-
-
 class BackgroundWriter(CheckpointEngine):
     """The checkpoint engine of one save: snapshots now, files written by a thread after `commit`.
 
@@ -139,7 +121,7 @@ class BackgroundWriter(CheckpointEngine):
         self.name = "nitp-background"
         self.files, self.budget = files, budget
         self.buffers = buffers if buffers is not None else HostBuffers()
-        self.queue: list[tuple[Any, str]] = []
+        self.queue: list[tuple[Any, list[torch.UntypedStorage], str]] = []  # snapshot, its storages, path
         self.queued_bytes = 0
         self.inline_files = 0  # files written at once, beyond the budget
         self.thread: threading.Thread | None = None
@@ -154,7 +136,10 @@ class BackgroundWriter(CheckpointEngine):
             self.files.save(state_dict, path)
             self.inline_files += 1
             return
-        self.queue.append((host_snapshot(state_dict, buffers=self.buffers), path))
+        memo: dict = {}
+        snapshot = host_snapshot(state_dict, memo, self.buffers)
+        copies = [copy for key, copy in memo.items() if key[0] == "storage"]  # its host memory, for the next save
+        self.queue.append((snapshot, copies, path))
         self.queued_bytes += size
 
     def load(self, path: str, map_location=None):
@@ -169,10 +154,10 @@ class BackgroundWriter(CheckpointEngine):
     def _write(self) -> None:
         try:
             while self.queue:
-                state, path = self.queue.pop(0)
+                state, copies, path = self.queue.pop(0)
                 self.files.save(state, path)
-                self.buffers.give_back(storages_of(state))  # for the next save
                 del state
+                self.buffers.give_back(copies)
         except BaseException as exc:  # the manager reports it where the ranks agree on the save
             self.error = exc
             self.queue.clear()
