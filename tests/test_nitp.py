@@ -155,11 +155,17 @@ def test_router_modules_are_the_family_routers_one_per_moe_layer(family):
     assert len(logits) == len(routers) and all(x.shape[-1] == 4 for x in logits)
 
 
-def compiled_graphs(num_layers: int) -> int:
-    """Graphs dynamo builds for one training forward and backward of an NITP model with compiled decoder layers."""
+def compiled_graphs(num_layers: int, zero_linear: bool = False) -> int:
+    """Graphs dynamo builds for one training forward and backward of an NITP model with compiled decoder layers.
+
+    `zero_linear`: as under ZeRO-3 with DeepSpeed's memory-efficient linear (its default): `F.linear` is
+    DeepSpeed's and every parameter carries its own `ds_id`."""
     import dataclasses
 
     import torch._dynamo
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from torch._dynamo.utils import counters
 
     from nitp_ds.models import compile_decoder_layers
@@ -172,13 +178,58 @@ def compiled_graphs(num_layers: int) -> int:
     model.attach_hooks()
     compile_decoder_layers(lm, backend="eager")  # dynamo's graphs and guards, without code generation
     x, y = batch()
-    parts = model(x, y)
-    (parts["ntp"] + parts["nitp"] + parts["aux"]).backward()
+    installed = F.linear
+    if zero_linear:
+        for ds_id, param in enumerate(model.parameters()):
+            param.ds_id, param.ds_status = ds_id, ZeroParamStatus.AVAILABLE
+        F.linear = zero3_linear_wrap
+    try:
+        parts = model(x, y)
+        (parts["ntp"] + parts["nitp"] + parts["aux"]).backward()
+        assert F.linear is (zero3_linear_wrap if zero_linear else installed)  # as it was after every layer
+    finally:
+        F.linear = installed
     assert set(parts) >= {"ntp", "nitp", "aux", "load"} and torch.isfinite(parts["aux"])
     return counters["stats"]["unique_graphs"]
 
 
 def test_compiled_decoder_layers_are_not_compiled_again_layer_by_layer():
     """Layers share their compiled code: the router-logit capture must not make each layer a new guard case
-    (a list growing layer by layer did: 4 layers compiled 4 times, ~1.5 s each on a GPU)."""
+    (a list growing layer by layer did: 4 layers compiled 4 times, ~1.5 s each on a GPU), nor must DeepSpeed's
+    memory-efficient linear (with torch 2.11 dynamo guarded on each weight's ds_id inside it)."""
     assert compiled_graphs(num_layers=6) == compiled_graphs(num_layers=3)
+    assert compiled_graphs(num_layers=6, zero_linear=True) == compiled_graphs(num_layers=3, zero_linear=True)
+
+
+def test_compiled_layer_backward_keeps_the_weight_parameters_not_views_of_their_data():
+    """Why compiled layers need no memory-efficient linear: what their backward keeps of a weight is the parameter
+    itself, whose data ZeRO-3 swaps out after forward and back in before backward, not a view that would hold
+    the gathered copy alive in between."""
+    from nitp_ds.models import compile_decoder_layers
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lm = build_model(SHAPE, vocab_size=64)
+    compile_decoder_layers(lm, backend="aot_eager")  # AOTAutograd chooses what backward keeps, as inductor's does
+    layer = lm.model.layers[0]
+    hidden = torch.randn(2, 12, SHAPE.hidden_size, requires_grad=True)
+    positions = lm.model.rotary_emb(hidden, torch.arange(12)[None])
+    out = layer(hidden, position_embeddings=positions, attention_mask=None)
+    out = out[0] if isinstance(out, tuple) else out
+    kept = [t for node in grad_nodes(out) if type(node).__name__ == "CompiledFunctionBackward"
+            for t in node.saved_tensors]
+    params = {p.untyped_storage().data_ptr(): p for p in layer.parameters()}
+    of_params = [t for t in kept if t.untyped_storage().data_ptr() in params]
+    assert of_params, "the compiled backward keeps no weight at all"
+    assert all(t is params[t.untyped_storage().data_ptr()] for t in of_params)
+
+
+def grad_nodes(tensor):
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        todo.extend(next_node for next_node, _ in node.next_functions)

@@ -133,10 +133,33 @@ def compile_decoder_layers(lm, backend: str = "inductor") -> None:
     Hooks stay outside the compiled code (ZeRO-3's fetch hooks and the NITP target capture are on the
     layer's `__call__`), so the layers are compiled as they run. Layers of one class share their
     compiled code: dynamo treats parameters as inputs, so one compilation serves all of them.
+
+    The compiled layers call torch's own `F.linear`, not DeepSpeed's memory-efficient linear that `zero.Init`
+    may have installed: dynamo, tracing that one's backward, guards on each weight's `ds_id` (torch 2.11), so
+    every layer was compiled anew. What the memory-efficient linear is for holds in compiled code anyway: the
+    compiled backward saves the weight parameter itself, not a view of its gathered data (tested).
     """
     import torch
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in lm.model.layers:
-        layer.forward = torch.compile(layer.forward, dynamic=False, backend=backend)
+        layer.forward = with_torch_linear(torch.compile(layer.forward, dynamic=False, backend=backend))
+
+
+def with_torch_linear(fn):
+    """`fn`, called with `torch.nn.functional.linear` set to torch's own for the call."""
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        installed, F.linear = F.linear, torch._C._nn.linear
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            F.linear = installed
+
+    return call
