@@ -1,4 +1,5 @@
-"""Checkpoint files written in the background (nitp_ds.checkpoint.background): the host snapshot and the writer.
+"""Checkpoint files written by nitp (nitp_ds.checkpoint.background): records taken as written, the host snapshot
+and the writer.
 
 Whole runs with background saves (the default) are tested in test_reliability.py: resume after kill -9, stop
 signals, failing saves, and that a finished run's checkpoints are complete with their records.
@@ -8,9 +9,8 @@ import threading
 
 import pytest
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-from nitp_ds.checkpoint.background import BackgroundWriter, host_snapshot, state_bytes
+from nitp_ds.checkpoint import background, integrity
+from nitp_ds.checkpoint.background import BackgroundWriter, HostBuffers, host_snapshot, state_bytes, write_file
 
 
 def state():
@@ -33,9 +33,28 @@ def test_snapshot_is_independent_of_later_training_and_keeps_shared_storages_sha
     assert state_bytes(original) == 12 * 4 + 3 * 2 + 2 * 4 + 2 * 4  # the shared storage counted once
 
 
+def test_a_file_is_recorded_by_the_bytes_written_and_loads_as_torch_save_wrote_it(tmp_path):
+    original = state()
+    record = write_file(original, tmp_path / "a.pt")
+    assert record == integrity.file_record(tmp_path / "a.pt")  # what a reader of the whole file finds
+    loaded = torch.load(tmp_path / "a.pt", weights_only=False)
+    torch.save(original, tmp_path / "b.pt")
+    theirs = torch.load(tmp_path / "b.pt", weights_only=False)
+    assert loaded.keys() == theirs.keys() and all(
+        torch.equal(loaded[k], theirs[k]) for k in ("flat", "bf16", "param", "grad"))
+    assert loaded["views"][1].untyped_storage().data_ptr() == loaded["flat"].untyped_storage().data_ptr()
+    assert isinstance(loaded["param"], torch.nn.Parameter) and loaded["nested"] == theirs["nested"]
+
+
+def test_a_large_record_is_hashed_beside_its_write_to_the_same_checksum(tmp_path):
+    big = {"flat": torch.randn(3 << 20), "small": torch.ones(3)}  # 12 MiB: hashed by the helper thread
+    record = write_file(big, tmp_path / "big.pt")
+    assert record == integrity.file_record(tmp_path / "big.pt") and record["bytes"] > 12 << 20
+    assert torch.equal(torch.load(tmp_path / "big.pt", weights_only=False)["flat"], big["flat"])
+
+
 def test_writer_writes_after_commit_what_torch_save_writes(tmp_path):
-    files = TorchCheckpointEngine()
-    writer = BackgroundWriter(files, budget=1 << 30)
+    writer = BackgroundWriter(budget=1 << 30)
     original = state()
     writer.save(original, str(tmp_path / "a.pt"))
     assert not (tmp_path / "a.pt").exists()  # nothing written before commit: only the snapshot
@@ -45,15 +64,25 @@ def test_writer_writes_after_commit_what_torch_save_writes(tmp_path):
     loaded = torch.load(tmp_path / "a.pt", weights_only=False)
     assert torch.equal(loaded["flat"], torch.arange(12, dtype=torch.float32))
     assert loaded["views"][0].untyped_storage().data_ptr() == loaded["flat"].untyped_storage().data_ptr()
-    assert writer.inline_files == 0
+    assert writer.inline_files == 0 and writer.records == {"a.pt": integrity.file_record(tmp_path / "a.pt")}
+
+
+def test_a_live_save_copies_nothing_until_its_thread_writes(tmp_path):
+    """The run's last save: `save` returns at once, holding no host copy; the thread copies and writes."""
+    buffers, original = HostBuffers(), state()
+    writer = BackgroundWriter(budget=1 << 30, buffers=buffers, live=True)
+    writer.save(original, str(tmp_path / "a.pt"))
+    assert writer.queue[0][0] is original and not (tmp_path / "a.pt").exists()
+    writer.commit(None)
+    assert writer.wait() is None and writer.records == {"a.pt": integrity.file_record(tmp_path / "a.pt")}
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=False)["flat"], original["flat"])
+    assert buffers.held_bytes() == state_bytes(original)  # its copies are kept for a next save, as any save's
 
 
 def test_the_next_save_copies_into_the_host_memory_of_the_last_one(tmp_path):
-    from nitp_ds.checkpoint.background import HostBuffers
-
     buffers, original = HostBuffers(), state()
     for step in (1, 2):
-        writer = BackgroundWriter(TorchCheckpointEngine(), budget=1 << 30, buffers=buffers)
+        writer = BackgroundWriter(budget=1 << 30, buffers=buffers)
         writer.save(original, str(tmp_path / f"{step}.pt"))
         assert buffers.held_bytes() == 0  # the second save took every storage back out of the pool
         writer.commit(None)
@@ -65,34 +94,34 @@ def test_the_next_save_copies_into_the_host_memory_of_the_last_one(tmp_path):
 
 
 def test_a_file_beyond_the_host_budget_is_written_at_once(tmp_path):
-    writer = BackgroundWriter(TorchCheckpointEngine(), budget=10)
+    writer = BackgroundWriter(budget=10)
     writer.save(state(), str(tmp_path / "big.pt"))
     assert (tmp_path / "big.pt").exists() and writer.inline_files == 1 and writer.queued_bytes == 0
+    assert writer.records == {"big.pt": integrity.file_record(tmp_path / "big.pt")}
     writer.commit(None)
-    assert writer.wait() is None
+    assert writer.wait() is None and not writer.busy()
 
 
 def test_a_failed_write_is_reported_by_wait(tmp_path):
-    writer = BackgroundWriter(TorchCheckpointEngine(), budget=1 << 30)
+    writer = BackgroundWriter(budget=1 << 30)
     writer.save(state(), str(tmp_path / "missing-dir" / "a.pt"))
     writer.commit(None)
     error = writer.wait()
     assert isinstance(error, (OSError, RuntimeError)) and not writer.queue
 
 
-def test_the_writing_runs_beside_the_caller(tmp_path):
+def test_the_writing_runs_beside_the_caller(tmp_path, monkeypatch):
     """While the thread writes, the caller's Python keeps running (torch.save releases the GIL)."""
-    files = TorchCheckpointEngine()
     started, release = threading.Event(), threading.Event()
-    save = files.save
+    write = background.write_file
 
-    def slow_save(state_dict, path):
+    def slow_write(state_dict, path):
         started.set()
         release.wait(timeout=30)
-        save(state_dict, path)
+        return write(state_dict, path)
 
-    files.save = slow_save
-    writer = BackgroundWriter(files, budget=1 << 30)
+    monkeypatch.setattr(background, "write_file", slow_write)
+    writer = BackgroundWriter(budget=1 << 30)
     writer.save(state(), str(tmp_path / "a.pt"))
     writer.commit(None)
     assert started.wait(timeout=30) and writer.busy()  # commit returned while the file is still being written

@@ -19,8 +19,8 @@ OPTIM = "bf16_zero_pp_rank_{}_mp_rank_00_optim_states.pt"
 
 
 def save_two_ranks(tag_dir: Path, *, records: bool = True) -> Path:
-    """A checkpoint as two ranks leave it: each rank's torch.save files, then nitp_meta.json with the records
-    that each rank took of its own files."""
+    """A checkpoint as two ranks leave it: each rank's torch.save files, then nitp_meta.json with every file's
+    record."""
     tag_dir.mkdir(parents=True)
     for rank in (0, 1):
         torch.save({"module": {"w": torch.arange(2048.0) + rank}}, tag_dir / MODEL.format(rank))
@@ -28,7 +28,7 @@ def save_two_ranks(tag_dir: Path, *, records: bool = True) -> Path:
                    tag_dir / OPTIM.format(rank))
     meta = {"step": 3, "complete": True}
     if records:
-        meta["files"] = {**integrity.record_own_files(tag_dir, 0, 2), **integrity.record_own_files(tag_dir, 1, 2)}
+        meta["files"] = {p.name: integrity.file_record(p) for p in integrity.checkpoint_files(tag_dir)}
     (tag_dir / "nitp_meta.json").write_text(json.dumps(meta))
     return tag_dir
 
@@ -59,11 +59,10 @@ def test_each_file_belongs_to_the_rank_in_its_name():
     assert integrity.writer_rank("mp_rank_00_model_states.pt", 4) == 0
 
 
-def test_each_rank_records_only_its_own_files(tmp_path):
+def test_the_records_name_every_file_with_its_size(tmp_path):
     tag = save_two_ranks(tmp_path / "global_step3")
     records = integrity.recorded_files(tag)
     assert sorted(records) == sorted([MODEL.format(0), OPTIM.format(0), MODEL.format(1), OPTIM.format(1)])
-    assert sorted(integrity.record_own_files(tag, 1, 2)) == [OPTIM.format(1), MODEL.format(1)]
     assert records[OPTIM.format(1)]["bytes"] == (tag / OPTIM.format(1)).stat().st_size
 
 
@@ -115,18 +114,14 @@ def test_without_records_torch_files_are_checked_by_their_zip_crcs(tmp_path):
         f"{OPTIM.format(1)[:-3]}/data/0)"
 
 
-def test_before_its_checksums_arrive_a_save_is_checked_by_size_and_zip_crcs(tmp_path):
-    """Between a save and its background checksums the records hold sizes only (`size_records`): a cut file is
-    named by its sizes, a changed byte by the zip archive's own CRC; the thread's records are the inline ones."""
+def test_records_of_sizes_alone_are_checked_by_size_and_zip_crcs(tmp_path):
+    """Records without CRC-32s (an earlier nitp-ds added them after the save, in a thread that a kill could stop):
+    a cut file is named by its sizes, a changed byte by the zip archive's own CRC."""
     tag = save_two_ranks(tmp_path / "global_step3", records=False)
     meta = json.loads((tag / "nitp_meta.json").read_text())
-    meta["files"] = {**integrity.size_records(tag, 0, 2), **integrity.size_records(tag, 1, 2)}
-    assert all(set(record) == {"bytes"} for record in meta["files"].values())
+    meta["files"] = {p.name: {"bytes": p.stat().st_size} for p in integrity.checkpoint_files(tag)}
     (tag / "nitp_meta.json").write_text(json.dumps(meta))
     assert integrity.find_damage(tag) is None
-    jobs = {rank: integrity.BackgroundChecksums(tag, rank, 2) for rank in (0, 1)}
-    assert {rank: job.result() for rank, job in jobs.items()} == {
-        rank: integrity.record_own_files(tag, rank, 2) for rank in (0, 1)}
     flip(tag / OPTIM.format(1))
     assert integrity.find_damage(tag, rank=1, world_size=2) == f"{tag / OPTIM.format(1)} is corrupt (bad CRC in " \
         f"{OPTIM.format(1)[:-3]}/data/0)"
@@ -135,6 +130,18 @@ def test_before_its_checksums_arrive_a_save_is_checked_by_size_and_zip_crcs(tmp_
     assert integrity.find_damage(tag, checksums=False) == f"{tag / MODEL.format(0)} is truncated or corrupt: " \
         f"{size // 2} bytes, " \
         f"{size} when it was saved"
+
+
+def test_a_file_of_nitp_without_its_record_is_checked_by_its_zip_structure(tmp_path):
+    """nitp-ds writes torch.save files without zip CRCs (its records hold the file's CRC-32): without a record
+    such a file passes while whole, and a cut one is still named."""
+    from nitp_ds.checkpoint.background import write_file
+
+    path = tmp_path / MODEL.format(0)
+    write_file({"module": {"w": torch.arange(4096.0)}}, path)
+    assert integrity.unrecorded_problem(path) is None
+    cut(path)
+    assert integrity.unrecorded_problem(path).startswith("is truncated or corrupt (")
 
 
 def test_a_safetensors_file_is_checked_against_its_header(tmp_path):

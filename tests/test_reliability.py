@@ -100,8 +100,8 @@ def test_incomplete_checkpoint_is_skipped_and_run_resumes_from_previous(data, re
 
 
 def test_a_finished_run_has_the_checksums_of_every_checkpoint(reference):
-    """Computed off the training path (the step-3 save's while steps 4-6 ran, added at the step-6 save; the
-    final save's before the exit): every file of every checkpoint has its size and CRC-32 recorded."""
+    """Taken as the files were written (in the background for the step-3 save; by the final save's thread during
+    the final evaluation): every file of every checkpoint has its size and CRC-32 recorded, those of its bytes."""
     for tag in ("global_step3", "global_step6"):
         tag_dir = reference / "checkpoints" / tag
         records = integrity.recorded_files(tag_dir)

@@ -1,13 +1,13 @@
 """Whether a checkpoint's files are whole: sizes and CRC-32s recorded at save, checked before a file is read.
 
-At save, each rank records the size of each file it wrote itself, and rank 0 puts every rank's records in
-`nitp_meta.json` under "files", the file that is written last and marks the checkpoint complete. The CRC-32s
-follow off the training path: each rank reads its files back in a thread (`BackgroundChecksums`, while they are
-still in the page cache) and the next save, or the end of the run, adds them to the records. Before a checkpoint is read (resume, convert, export),
-`find_damage` compares each listed file with its record: a missing file, a size that differs (a partial copy, a
+At save, each rank records the size and CRC-32 of each file it wrote itself, taken from the bytes as they were
+written (`background.write_file`: no file is read back), and rank 0 puts every rank's records in
+`nitp_meta.json` under "files", the file that is written last and marks the checkpoint complete. Before a
+checkpoint is read (resume, convert, export), `find_damage` compares each listed file with its record: a missing file, a size that differs (a partial copy, a
 full disk) or a checksum that differs (a changed byte) names that file. A file without a record (a checkpoint
 saved by an older nitp-ds or another loop, a Hugging Face directory) is checked against its own format: torch.save
-writes a zip archive with a CRC per entry; a safetensors header gives the file's length.
+writes a zip archive with a CRC per entry (nitp-ds's own files leave those out: their structure is checked); a
+safetensors header gives the file's length.
 
 Why CRC-32 (zlib's): the damage to catch is accidental — cut-short copies and flipped bits — not tampering, and
 CRC-32 is the fastest checksum in the standard library: streamed over a 256 MiB buffer on the 2-core CPU machine
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -50,7 +49,7 @@ def file_record(path: Path) -> dict[str, int | str]:
 
 
 def writer_rank(name: str, world_size: int) -> int:
-    """The rank that writes (and reads back) a file of a DeepSpeed checkpoint: the rank in its name
+    """The rank that wrote a file of a DeepSpeed checkpoint, and checks it at a resume: the rank in its name
     (`zero_pp_rank_R_…`, `expp_rank_R_…`), else rank 0. Taken modulo the world size, so that a checkpoint of
     another world size is still shared out among this run's ranks."""
     match = WRITER_RANK_RE.search(name)
@@ -60,43 +59,6 @@ def writer_rank(name: str, world_size: int) -> int:
 def checkpoint_files(tag_dir: Path) -> list[Path]:
     """The files DeepSpeed wrote into a checkpoint directory (not nitp_meta.json, not sub-directories)."""
     return sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != META and not p.name.startswith("."))
-
-
-def own_files(tag_dir: Path, rank: int, world_size: int) -> list[Path]:
-    """The files of `tag_dir` that this rank wrote (and will read at a resume)."""
-    return [p for p in checkpoint_files(tag_dir) if writer_rank(p.name, world_size) == rank]
-
-
-def record_own_files(tag_dir: Path, rank: int, world_size: int) -> dict[str, dict[str, int | str]]:
-    """{file name: {"bytes", "crc32"}} for the files of `tag_dir` that this rank wrote."""
-    return {p.name: file_record(p) for p in own_files(tag_dir, rank, world_size)}
-
-
-def size_records(tag_dir: Path, rank: int, world_size: int) -> dict[str, dict[str, int | str]]:
-    """{file name: {"bytes"}} for the files of `tag_dir` that this rank wrote: a stat each, no reading."""
-    return {p.name: {"bytes": p.stat().st_size} for p in own_files(tag_dir, rank, world_size)}
-
-
-class BackgroundChecksums:
-    """`record_own_files` in a thread while training goes on (zlib and file reads release the GIL).
-    `result()` waits for it: {file name: {"bytes", "crc32"}}, or None when a file could not be read (the
-    checkpoint then keeps its size records only)."""
-
-    def __init__(self, tag_dir: Path, rank: int, world_size: int):
-        self._records: dict[str, dict[str, int | str]] | None = None
-        self._thread = threading.Thread(target=self._run, args=(tag_dir, rank, world_size), name="nitp-checksums",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, tag_dir: Path, rank: int, world_size: int) -> None:
-        try:
-            self._records = record_own_files(tag_dir, rank, world_size)
-        except OSError:
-            self._records = None
-
-    def result(self) -> dict[str, dict[str, int | str]] | None:
-        self._thread.join()
-        return self._records
 
 
 def recorded_files(tag_dir: Path) -> dict[str, dict]:
@@ -135,17 +97,30 @@ def file_problem(path: Path, record: dict | None, *, checksum: bool = True) -> s
 
 def unrecorded_problem(path: Path) -> str | None:
     """A file without a record, checked against what its own format says: the CRCs of torch.save's zip
-    archive, the length that a safetensors header describes; other files pass (nothing to check them against)."""
+    archive, the length that a safetensors header describes; other files pass (nothing to check them against).
+
+    nitp-ds writes its torch.save files without zip CRCs (their records hold the whole file's CRC-32): such an
+    entry (stored CRC 0) is checked by the archive's structure alone, which a cut-short file breaks."""
     if path.suffix == ".safetensors":
         return safetensors_problem(path)
     if path.suffix != ".pt":
         return None
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()  # streams every entry through its CRC
+            for entry in archive.infolist():
+                if entry.CRC == 0 and entry.file_size:
+                    continue  # written without a CRC; its place in the file was read from the central directory
+                try:
+                    with archive.open(entry) as data:
+                        while data.read(CHUNK_BYTES):  # streamed through its CRC
+                            pass
+                except zipfile.BadZipFile as exc:
+                    if "CRC" in str(exc):
+                        return f"is corrupt (bad CRC in {entry.filename})"
+                    raise
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         return f"is truncated or corrupt ({exc})"
-    return None if bad is None else f"is corrupt (bad CRC in {bad})"
+    return None
 
 
 def safetensors_problem(path: Path) -> str | None:

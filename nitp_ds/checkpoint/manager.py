@@ -4,10 +4,10 @@
 (`nitp_meta.json`, `latest`, finding a complete checkpoint) are in `state.py`, shared with convert and export.
 A save is complete when rank 0 has written `nitp_meta.json` after every rank finished writing (with
 checkpoint.async_save a thread writes each rank's files, `background.py`, and the step's all-reduce tells the
-ranks when all are done); `latest` then names it, and the oldest complete ones beyond checkpoint.keep_last are deleted. Each rank records the
-size of the files it wrote (`integrity.py`) before the ranks agree that the save succeeded; the records go
-into `nitp_meta.json`. Their CRC-32s are computed in a thread while training goes on and added at the next
-save or at the end of the run. `--resume auto` takes the newest complete checkpoint whose files match the
+ranks when all are done); `latest` then names it, and the oldest complete ones beyond checkpoint.keep_last are
+deleted. Each rank records the size and CRC-32 of the files it wrote, taken as they were written
+(`background.write_file`), before the ranks agree that the save succeeded; the records go into
+`nitp_meta.json` (`integrity.py`). `--resume auto` takes the newest complete checkpoint whose files match the
 records, skipping damaged ones with a warning.
 """
 
@@ -46,7 +46,6 @@ class CheckpointManager:
         self.save_seconds: list[tuple[int, float]] = []  # (step, seconds training waited), one per periodic save
         self.final_save_seconds: float | None = None
         self.intact_step: int | None = None  # the step of the checkpoint this process resumed from or saved last
-        self.checksums: tuple[Path, integrity.BackgroundChecksums] | None = None  # the last save's, being computed
         self.pending: tuple[int, Path, background.BackgroundWriter] | None = None  # a save whose files are being written
         self.host_buffers = background.HostBuffers()  # the snapshots' host memory, kept from one save to the next
 
@@ -114,7 +113,7 @@ class CheckpointManager:
         if last:
             self.finish_pending()
             if self.cfg.train.steps and step != self.intact_step:
-                self.final_save_seconds = self.save()
+                self.final_save_seconds = self.save(last=True)
         elif self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0 and step < self.cfg.train.steps:
             self.save_seconds.append((step, self.save()))
 
@@ -123,22 +122,22 @@ class CheckpointManager:
         return self.pending is not None and self.pending[2].busy()
 
     def finish(self) -> None:
-        """The run's end: wait for the last save's files, mark it complete, and record every checksum."""
+        """The run's end: wait for the last save's files and mark it complete."""
         started = time.perf_counter()
         waited = self.pending is not None
         self.finish_pending()
         if waited and self.final_save_seconds is not None:  # the end waited for the final save's files too
             self.final_save_seconds += time.perf_counter() - started
-        self.add_checksums()  # the run ends with every checkpoint's CRC-32s recorded
 
-    def save(self) -> float:
+    def save(self, last: bool = False) -> float:
         """Save this step's checkpoint; the seconds training waited for it (a phase of the run's summary).
 
         With checkpoint.async_save the state is copied to host memory and the files are written by a thread
-        (`background.py`); the checkpoint is marked complete once every rank has written its files."""
+        (`background.py`); the checkpoint is marked complete once every rank has written its files. The run's
+        `last` save is copied and written by the thread as well (no step follows to change the state): the
+        final evaluation runs meanwhile."""
         started = time.perf_counter()
         self.finish_pending()  # one save in flight at a time
-        self.add_checksums()  # the previous save's, computed while training went on (done by now, as a rule)
         step = self.progress.step
         tag = ckpt.tag_for(step)
         tag_dir = self.ckpt_dir / tag
@@ -147,26 +146,24 @@ class CheckpointManager:
         barrier()
         client = {"step": step, "consumed_tokens": self.progress.consumed_tokens,
                   "skipped": self.progress.skipped_steps, "loader": self.loader.state_dict(), "rng": capture_rng()}
-        writer = None
-        if self.cfg.checkpoint.async_save:
-            budget = background.host_budget(ranks_on_this_node(self.world_size), self.host_buffers)
-            writer = background.BackgroundWriter(self.engine.checkpoint_engine, budget, self.host_buffers)
-        records = None
+        budget = (background.host_budget(ranks_on_this_node(self.world_size), self.host_buffers)
+                  if self.cfg.checkpoint.async_save else 0)
+        writer = background.BackgroundWriter(budget, self.host_buffers, live=last)
         try:
             with writing_through(self.engine, writer):
                 self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-            if writer is None:
-                records = integrity.size_records(tag_dir, self.rank, self.world_size)
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+            writer.wait()
             self.save_failed(tag_dir, exc)
-            writer = None
-        if writer is not None:
-            self.pending = (step, tag_dir, writer)
-            self.debug(f"checkpoint {tag}: training waited {time.perf_counter() - started:.1f} s "
-                       f"({writer.queued_bytes / 2**30:.2f} GiB copied to host memory, {writer.inline_files} "
-                       "file(s) written at once); the rest is written in the background")
+            self.complete(step, tag_dir, None)
         else:
-            self.complete(step, tag_dir, records)
+            if self.cfg.checkpoint.async_save:  # the same on every rank, whether or not its thread is done
+                self.pending = (step, tag_dir, writer)
+                copied = "" if last else f"{writer.queued_bytes / 2**30:.2f} GiB copied to host memory, "
+                self.debug(f"checkpoint {tag}: training waited {time.perf_counter() - started:.1f} s ({copied}"
+                           f"{writer.inline_files} file(s) written at once); the rest is written in the background")
+            else:
+                self.finish_writing(step, tag_dir, writer)
         return time.perf_counter() - started
 
     def finish_pending(self) -> None:
@@ -176,14 +173,15 @@ class CheckpointManager:
         step, tag_dir, writer = self.pending
         self.pending = None
         waiting = time.perf_counter()
-        error = writer.wait()
+        writer.wait()
         self.debug(f"checkpoint {tag_dir.name}: files written; waited {time.perf_counter() - waiting:.1f} s for them")
-        records = None
-        if error is None:
-            records = integrity.size_records(tag_dir, self.rank, self.world_size)
-        else:
-            self.save_failed(tag_dir, error)
-        self.complete(step, tag_dir, records)
+        self.finish_writing(step, tag_dir, writer)
+
+    def finish_writing(self, step: int, tag_dir: Path, writer: background.BackgroundWriter) -> None:
+        """Every rank, its files written: the checkpoint is complete if every rank's were."""
+        if writer.error is not None:
+            self.save_failed(tag_dir, writer.error)
+        self.complete(step, tag_dir, None if writer.error is not None else writer.records)
 
     def debug(self, text: str) -> None:
         if debug_enabled():
@@ -196,8 +194,9 @@ class CheckpointManager:
                  "the previous checkpoint is still valid")
 
     def complete(self, step: int, tag_dir: Path, records: dict | None) -> None:
-        """Every rank: agree that every rank wrote its files (`records`, None where it failed); rank 0 then marks
-        the checkpoint complete, points `latest` at it and prunes; the CRC-32s start in a thread."""
+        """Every rank: agree that every rank wrote its files (`records` of the files it wrote, None where it
+        failed); rank 0 then marks the checkpoint complete with every file's record, points `latest` at it and
+        prunes."""
         everyone = all_gather(records, self.world_size)
         if any(r is None for r in everyone):
             if self.is_main:
@@ -207,31 +206,14 @@ class CheckpointManager:
                 "the previous checkpoint is intact — free space or fix permissions and resume"))
         if self.is_main:
             files = {name: record for rank_records in everyone for name, record in rank_records.items()}
+            for path in integrity.checkpoint_files(tag_dir):
+                if path.name not in files:  # written around the writer (none, as a rule): read back
+                    files[path.name] = integrity.file_record(path)
             ckpt.mark_complete(tag_dir, {**self.meta(step), integrity.FILES_KEY: files})
             ckpt.update_latest(self.ckpt_dir, tag_dir.name)
             prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         barrier()
         self.intact_step = step
-        # Read back in a thread at once, from the page cache: the bytes just written, not a later copy.
-        self.checksums = (tag_dir, integrity.BackgroundChecksums(tag_dir, self.rank, self.world_size))
-
-    def add_checksums(self) -> None:
-        """Every rank: wait for the CRC-32s of the last save; rank 0 adds them to its nitp_meta.json records.
-
-        Until then a checkpoint has sizes only, and a resume checks its torch.save files by their own zip CRCs.
-        """
-        if self.checksums is None:
-            return
-        tag_dir, job = self.checksums
-        self.checksums = None
-        everyone = all_gather(job.result(), self.world_size)
-        meta = ckpt.read_meta(tag_dir) if self.is_main and all(r is not None for r in everyone) else {}
-        if not meta:
-            return  # not rank 0, unreadable on some rank, or pruned: the size records stay
-        for records in everyone:
-            for name, record in records.items():
-                meta[integrity.FILES_KEY].setdefault(name, {}).update(record)
-        ckpt.mark_complete(tag_dir, meta)
 
     def meta(self, step: int) -> dict[str, Any]:
         """nitp_meta.json: what convert, export and eval need to rebuild the model without the recipe."""
