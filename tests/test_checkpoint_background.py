@@ -135,3 +135,18 @@ def test_snapshot_of_device_tensors_is_on_the_host():
     snap = host_snapshot({"a": flat, "b": flat[2:]})
     flat.zero_()
     assert snap["a"].device.type == "cpu" and torch.equal(snap["b"], torch.arange(2, 8, dtype=torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_a_live_save_copies_what_the_training_stream_wrote_before_it(tmp_path):
+    """The live writer copies on a stream of its own: it must start after the work queued before `save`."""
+    big = torch.randn(4096, 4096, device="cuda")
+    state = {"w": torch.zeros(4096, 4096, device="cuda")}
+    for _ in range(20):  # queued on the training stream, not finished when save() returns
+        state["w"].copy_(big @ big).div_(big.abs().max())
+    expected = state["w"].clone()  # queued after the loop: equal to what the file must hold
+    writer = BackgroundWriter(budget=1 << 34, live=True)
+    writer.save(state, str(tmp_path / "w.pt"))
+    writer.commit(None)
+    assert writer.wait() is None
+    assert torch.equal(torch.load(tmp_path / "w.pt", weights_only=False)["w"], expected.cpu())
