@@ -124,10 +124,14 @@ def lost_rank_message(watch: RankWatch, resume_hint: str, launcher_code: int | N
 
     `launcher_code`: the exit code of DeepSpeed's launcher, which exits with the first failing code it polled
     (`sys.exit(-9)` gives 247). It fills in the cause of a rank that was reaped before the watch saw it, when it
-    is a signal: ranks that only lost their peers exit with LOST_PEER_EXIT, never by a signal.
+    is a signal: ranks that only lost their peers exit with LOST_PEER_EXIT, never by a signal. When it is 2 (an
+    error every rank agreed on, which rank 0 showed), such a rank ended with it: nothing to add.
     """
     world = f" of {watch.world_size}" if watch.world_size else ""
     cause = watch.cause()
+    while cause is not None and cause.status is None and launcher_code == 2:  # a busy machine: reaped unseen
+        watch.stopped[cause.rank] = Stopped(cause.rank, 2 << 8, cause.at)
+        cause = watch.cause()
     if cause is not None:
         if cause.status is None and launcher_code is not None and 128 < launcher_code < 256:
             cause = Stopped(cause.rank, 256 - launcher_code, cause.at)  # waitpid's encoding of that signal

@@ -94,6 +94,13 @@ def test_ranks_that_only_lost_peers_point_at_another_node():
         "rank 1 of 4 stopped (killed by signal 9: SIGKILL, kill -9 or the out-of-memory killer) and the other ranks "
         "were stopped; hint")
     assert "exit status unknown" in lost_rank_message(watch, "hint", launcher_code=LOST_PEER_EXIT)
+    # ... and a rank reaped unseen when the launcher exits 2 ended with the error every rank agreed on (CI saw
+    # this race on a busy machine: the launcher reaped rank 0, which had shown the error, before the watch polled)
+    watch.stopped = {0: Stopped(0, None, 0.5), 1: Stopped(1, 2 << 8, 0.6)}
+    assert lost_rank_message(watch, "hint", launcher_code=2) is None
+    watch.stopped = {0: Stopped(0, None, 0.5), 1: Stopped(1, 1 << 8, 0.6)}  # another rank failed on its own
+    assert lost_rank_message(watch, "hint", launcher_code=2) == ("rank 1 of 4 stopped (exit code 1) and the other "
+                                                                 "ranks were stopped; hint")
 
 
 def test_zombie_status_reads_a_killed_childs_signal(tmp_path):
