@@ -99,6 +99,7 @@ class NITPModel(nn.Module):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        remove_output_capturing_hooks(self.lm)
         if self.nitp_head is not None:
             source = (self.lm.get_input_embeddings() if self.target_layer == 0
                       else self.lm.model.layers[self.target_layer - 1])
@@ -150,6 +151,27 @@ class NITPModel(nn.Module):
         parts["aux"], parts["z"], parts["load"] = router["aux"].to(hidden.device), router["z"].to(hidden.device), router["load"]
         self._target = None
         return parts
+
+
+def remove_output_capturing_hooks(lm: nn.Module) -> int:
+    """Remove Hugging Face's output-capturing forward hooks (`output_attentions`, `output_router_logits`, ...),
+    which AutoEP installs on the attention and router modules when it retargets them; how many were removed.
+
+    This model asks for none of those outputs (it keeps its own hooks), and inside a compiled decoder layer each
+    of them is a graph break, even when inactive: dynamo cannot trace their `ContextVar.get`. Hugging Face
+    installs them again if a later call asks for such an output."""
+    removed = 0
+    for module in lm.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "output_capturing_hook":
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+                removed += 1
+    for module in lm.modules():
+        if getattr(module, "_output_capturing_hooks_installed", False):
+            module._output_capturing_hooks_installed = False  # asked for later, they are installed anew
+    return removed
 
 
 def router_modules(lm: nn.Module) -> list[nn.Module]:

@@ -155,11 +155,12 @@ def test_router_modules_are_the_family_routers_one_per_moe_layer(family):
     assert len(logits) == len(routers) and all(x.shape[-1] == 4 for x in logits)
 
 
-def compiled_graphs(num_layers: int, zero_linear: bool = False) -> int:
+def compiled_graphs(num_layers: int, zero_linear: bool = False, hf_capture: bool = False) -> int:
     """Graphs dynamo builds for one training forward and backward of an NITP model with compiled decoder layers.
 
     `zero_linear`: as under ZeRO-3 with DeepSpeed's memory-efficient linear (its default): `F.linear` is
-    DeepSpeed's and every parameter carries its own `ds_id`."""
+    DeepSpeed's and every parameter carries its own `ds_id`. `hf_capture`: Hugging Face's output-capturing hooks
+    installed before the NITP model's own, as AutoEP installs them."""
     import dataclasses
 
     import torch._dynamo
@@ -174,6 +175,10 @@ def compiled_graphs(num_layers: int, zero_linear: bool = False) -> int:
     counters.clear()
     torch.manual_seed(0)
     lm = build_model(dataclasses.replace(SHAPE, num_layers=num_layers), vocab_size=64)
+    if hf_capture:
+        from transformers.utils.output_capturing import install_all_output_capturing_hooks
+
+        install_all_output_capturing_hooks(lm.model)
     model = NITPModel(lm, head="swiglu", target_layer=1, ce_chunk_tokens=16)
     model.attach_hooks()
     compile_decoder_layers(lm, backend="eager")  # dynamo's graphs and guards, without code generation
@@ -199,6 +204,22 @@ def test_compiled_decoder_layers_are_not_compiled_again_layer_by_layer():
     memory-efficient linear (with torch 2.11 dynamo guarded on each weight's ds_id inside it)."""
     assert compiled_graphs(num_layers=6) == compiled_graphs(num_layers=3)
     assert compiled_graphs(num_layers=6, zero_linear=True) == compiled_graphs(num_layers=3, zero_linear=True)
+
+
+def test_hugging_face_output_capturing_hooks_are_removed_and_break_no_compiled_layer():
+    """AutoEP installs Hugging Face's output-capturing hooks on the attention and router modules; inactive, each
+    still broke a compiled layer's graph (dynamo cannot trace their ContextVar.get)."""
+    from transformers.utils.output_capturing import install_all_output_capturing_hooks
+
+    from nitp_ds.nitp import remove_output_capturing_hooks
+
+    lm = build_model(SHAPE, vocab_size=64)
+    install_all_output_capturing_hooks(lm.model)
+    hooked = sum(h.__name__ == "output_capturing_hook" for m in lm.modules() for h in m._forward_hooks.values())
+    assert hooked >= 2 * SHAPE.num_layers and remove_output_capturing_hooks(lm) == hooked
+    assert not any(h.__name__ == "output_capturing_hook" for m in lm.modules() for h in m._forward_hooks.values())
+    assert lm.model(input_ids=batch()[0], output_router_logits=True).router_logits  # asked for: installed again
+    assert compiled_graphs(num_layers=3, hf_capture=True) == compiled_graphs(num_layers=3)
 
 
 def test_compiled_layer_backward_keeps_the_weight_parameters_not_views_of_their_data():
