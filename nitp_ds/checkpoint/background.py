@@ -77,13 +77,24 @@ class HostBuffers:
             return sum(size * len(stack) for size, stack in self.free.items())
 
 
-def host_snapshot(obj: Any, memo: dict | None = None, buffers: HostBuffers | None = None) -> Any:
+def host_snapshot(obj: Any, buffers: HostBuffers | None = None) -> Any:
     """A copy of a (nested) state dict that later training cannot change: every tensor storage copied once into
     host memory (from `buffers` when given), views rebuilt on the copies, with their Python attributes; dicts,
     lists and tuples rebuilt; anything else deep-copied where it can be. An object met twice is copied once, as
     torch.save writes it once. Device copies are complete when it returns."""
-    top = memo is None
-    memo = {} if memo is None else memo  # ("storage", id) -> its host copy; ("object", id) -> (object, copy)
+    return snapshot_with_copies(obj, buffers or HostBuffers())[0]
+
+
+def snapshot_with_copies(obj: Any, buffers: HostBuffers) -> tuple[Any, list[torch.UntypedStorage]]:
+    """`host_snapshot(obj)` and the host storages it copied into (given back to `buffers` once written)."""
+    memo: dict = {}  # ("storage", id) -> its host copy; ("object", id) -> (object, copy)
+    snapshot = _copy_to_host(obj, memo, buffers)
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()  # the device-to-host copies are done
+    return snapshot, [copy for key, copy in memo.items() if key[0] == "storage"]
+
+
+def _copy_to_host(obj: Any, memo: dict, buffers: HostBuffers) -> Any:
     ident = ("object", id(obj))
     if ident in memo:
         return memo[ident][1]
@@ -96,24 +107,22 @@ def host_snapshot(obj: Any, memo: dict | None = None, buffers: HostBuffers | Non
         view.requires_grad_(obj.requires_grad)  # torch.save keeps the flag
         out = torch.nn.Parameter(view, requires_grad=obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else view
         # and its Python attributes (DeepSpeed's ds_id, ds_shape, ...), which torch.save writes too
-        out.__dict__.update({name: host_snapshot(value, memo, buffers) for name, value in vars(obj).items()})
+        out.__dict__.update({name: _copy_to_host(value, memo, buffers) for name, value in vars(obj).items()})
     elif type(obj) in (dict, OrderedDict):
-        out = type(obj)((k, host_snapshot(v, memo, buffers)) for k, v in obj.items())
+        out = type(obj)((k, _copy_to_host(v, memo, buffers)) for k, v in obj.items())
     elif type(obj) in (list, tuple):
-        out = type(obj)(host_snapshot(v, memo, buffers) for v in obj)
+        out = type(obj)(_copy_to_host(v, memo, buffers) for v in obj)
     else:
         try:
             out = copy.deepcopy(obj)
         except Exception:  # an object that cannot be copied is saved as it is when the thread writes it
             out = obj
     memo[ident] = (obj, out)  # obj kept alive: its id stays its own
-    if top and torch.cuda.is_available():
-        torch.cuda.current_stream().synchronize()  # the device-to-host copies are done
     return out
 
 
-def copy_storage(storage: torch.UntypedStorage, buffers: HostBuffers | None) -> torch.UntypedStorage:
-    host = (buffers or HostBuffers()).take(storage.nbytes())
+def copy_storage(storage: torch.UntypedStorage, buffers: HostBuffers) -> torch.UntypedStorage:
+    host = buffers.take(storage.nbytes())
     if storage.nbytes():
         source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         torch.empty(0, dtype=torch.uint8).set_(host).copy_(source, non_blocking=storage.device.type == "cuda")
@@ -198,9 +207,7 @@ class BackgroundWriter(CheckpointEngine):
             self.ready = torch.cuda.Event()
             self.ready.record()
         if not self.live:
-            memo: dict = {}
-            state_dict = host_snapshot(state_dict, memo, self.buffers)
-            copies = [copy for key, copy in memo.items() if key[0] == "storage"]  # its host memory, for the next save
+            state_dict, copies = snapshot_with_copies(state_dict, self.buffers)
         self.queue.append((state_dict, copies, path))
         self.queued_bytes += size
 
@@ -223,12 +230,10 @@ class BackgroundWriter(CheckpointEngine):
             while self.queue:
                 state, copies, path = self.queue.pop(0)
                 if self.live:
-                    memo: dict = {}
                     with stream:
                         if self.ready is not None:
                             torch.cuda.current_stream().wait_event(self.ready)
-                        state = host_snapshot(state, memo, self.buffers)
-                    copies = [copy for key, copy in memo.items() if key[0] == "storage"]
+                        state, copies = snapshot_with_copies(state, self.buffers)
                 self.records[Path(path).name] = write_file(state, path)
                 del state
                 self.buffers.give_back(copies)

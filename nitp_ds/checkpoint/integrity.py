@@ -75,8 +75,8 @@ def recorded_files(tag_dir: Path) -> dict[str, dict]:
 def file_problem(path: Path, record: dict | None, *, checksum: bool = True) -> str | None:
     """What is wrong with one file, as words that follow its name ("is truncated …"); None when it is whole.
 
-    With a record: its size, then (with `checksum`) its CRC-32. Without one, or with a size but no CRC-32 yet:
-    a zip archive's own CRCs.
+    With a record: its size, then (with `checksum`) its CRC-32. Without one, or with a size but no CRC-32 (an
+    earlier nitp-ds added those after the save): a zip archive's own CRCs.
     """
     if not path.is_file():
         return "is missing (nitp_meta.json lists it)"
@@ -86,7 +86,7 @@ def file_problem(path: Path, record: dict | None, *, checksum: bool = True) -> s
         size = path.stat().st_size
         if size != record.get("bytes"):
             return f"is truncated or corrupt: {size} bytes, {record.get('bytes')} when it was saved"
-        if checksum and not record.get("crc32"):  # a save whose checksums were still being computed
+        if checksum and not record.get("crc32"):  # sizes alone: an earlier nitp-ds's save
             return unrecorded_problem(path)
         if checksum and (crc := crc32_of(path)) != record["crc32"]:
             return f"is corrupt: its CRC-32 is {crc}, {record['crc32']} when it was saved"

@@ -230,11 +230,8 @@ class CheckpointManager:
 
 
 @contextlib.contextmanager
-def writing_through(engine, writer):
-    """DeepSpeed's `save_checkpoint` hands its files to `writer` (None: to its own engine, which writes at once)."""
-    if writer is None:
-        yield
-        return
+def writing_through(engine, writer: background.BackgroundWriter):
+    """DeepSpeed's `save_checkpoint` hands its files to `writer` instead of its own engine."""
     own, engine.checkpoint_engine = engine.checkpoint_engine, writer
     try:
         yield
