@@ -41,6 +41,8 @@ if profile_path:
                 f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
                 f.write("\n\n")
                 f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
+                f.write("\n\n")
+                f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
             state["prof"] = None
         return out
 

@@ -112,7 +112,7 @@ class TrainConfig:
     compile_loss: bool | None = None  # torch.compile the cross-entropy's softmax gradient; None: on CUDA only
     compile_layers: bool | None = None  # torch.compile each decoder layer's forward; None: on CUDA only
     zero3_fetch: str = "layer"  # layer: each decoder layer is one ZeRO-3 fetch unit; module: one per module
-    fast_zero_step: bool = True  # ZeRO-3's optimizer step without its fp64-norm, flatten and unscale passes
+    fast_zero_step: bool = True  # ZeRO-3's step without its fp64-norm, flatten and unscale passes; one_rank.py
     gc_every: int = 50  # automatic Python GC paused in the loop, young generations collected every N steps; 0: off
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     deterministic: bool = False

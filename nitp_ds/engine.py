@@ -5,8 +5,9 @@ read from DeepSpeed's own step counter (`global_steps`, which its checkpoints re
 
 `deepspeed.initialize` always builds the base class, so `build_engine` constructs the subclass
 the way `initialize` does (distributed init, zero.Init context switched off, DeepSpeedConfig,
-engine, context restored). Everything else (ZeRO-3, AutoEP, checkpoints) is DeepSpeed's own, except three
-passes of ZeRO-3's optimizer step that `streamline_zero3_step` removes (`train.fast_zero_step`).
+engine, context restored). Everything else (ZeRO-3, AutoEP, checkpoints) is DeepSpeed's own, except, with
+`train.fast_zero_step`, three passes of ZeRO-3's optimizer step that `streamline_zero3_step` removes and, on a
+single rank, the multi-rank work that `nitp_ds.one_rank` skips.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
+
+from nitp_ds.one_rank import streamline_one_rank
 
 
 class NITPEngine(DeepSpeedEngine):
@@ -27,6 +30,7 @@ class NITPEngine(DeepSpeedEngine):
         self.aux_weight = aux_weight
         self.z_weight = z_weight
         self.module.attach_hooks()  # after AutoEP has replaced the MoE blocks
+        self.one_rank_shortcuts = streamline_one_rank(self.optimizer) if fast_zero_step else []
 
     def _configure_zero_optimizer(self, optimizer: Any) -> Any:
         zero = super()._configure_zero_optimizer(optimizer)
@@ -70,8 +74,8 @@ def nitp_weight_at(step: int, weight: float, warmup_steps: int) -> float:
 # fp64, (2) copies the sub-group's gradients into one new flat buffer with torch.cat and then to fp32, (3)
 # multiplies that buffer by 1/clip-scale, then runs the optimizer. With one GPU and billions of parameters these
 # memory-bound passes cost more than the optimizer itself (shape B of the GPU benchmark: ~25 ms of a 149 ms
-# step). Here (1) reduces each gradient in fp32 as it is (torch's clip_grad_norm_ does the same) and hands
-# DeepSpeed the result in fp64, (2) views the gradients where they already lie back to back in ZeRO-3's
+# step). Here (1) reduces the gradients in fp32 as they are (torch's clip_grad_norm_ does the same), all of a
+# sub-group's in one reduction where they lie back to back, and hands DeepSpeed the result in fp64, (2) views the gradients where they already lie back to back in ZeRO-3's
 # gradient buffer, and (3) hands the clip scale to fused AdamW (`grad_scale`, the hook torch.amp's GradScaler
 # uses), which divides inside its one pass. Every other path (CPU offload, NVMe swap, Muon, fp16 loss scaling,
 # non-fused optimizers for (3), the inf-norm) is left to DeepSpeed unchanged. deepspeed is pinned, and
@@ -128,6 +132,11 @@ def streamline_zero3_step(zero: Any) -> bool:
     def get_grad_norm_direct(gradients, params, norm_type=2):
         if float(norm_type) == float("inf"):
             return norm_direct(gradients, params, norm_type)
+        # Without tensor parallelism every gradient of the sub-group counts, and where they lie back to back
+        # (ZeRO-3's gradient buffer) their norm is one reduction instead of a kernel per parameter.
+        flat = _back_to_back(gradients) if zero.model_parallel_rank == 0 else None
+        if flat is not None:
+            return norm_direct([_GradForNorm(flat)], params, norm_type)
         return norm_direct([_GradForNorm(g) for g in gradients], params, norm_type)
 
     def prepare_fp32_grad(sub_group_id):

@@ -90,13 +90,17 @@ def test_execution_options_give_the_default_losses_on_two_ranks(data, tmp_path, 
 @pytest.fixture(scope="module")
 def zero_step_arms(data, tmp_path_factory):
     """tests/scripts/zero_step.py: one process trains the same model with the streamlined and DeepSpeed's
-    step, with fused AdamW, at a gradient clip always exceeded (0.05) and one never reached (100)."""
+    step, with fused AdamW, at a gradient clip always exceeded (0.05) and one never reached (100), two
+    micro-batches per step (the first copied into ZeRO-3's gradient buffer, the second added to it)."""
     script = runs.REPO / "tests" / "scripts" / "zero_step.py"
     tmp = tmp_path_factory.mktemp("zero-step")
     sets = {**runs.TINY, "data.path": data, "train.out_dir": tmp / "run", "optim.fused": "true",
-            "checkpoint.every": 0}
+            "checkpoint.every": 0, "train.grad_accum": 2}
+    ds_config = json.loads(runs.DS_CONFIG.read_text())  # every parameter resident, as on one GPU
+    ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = "auto"
+    (tmp / "ds.json").write_text(json.dumps(ds_config))
     result = subprocess.run([sys.executable, str(script), str(runs.REPO / "recipes" / "debug.yaml"),
-                             str(runs.DS_CONFIG), "4", "0.05,100", *[f"{k}={v}" for k, v in sets.items()]],
+                             str(tmp / "ds.json"), "4", "0.05,100", *[f"{k}={v}" for k, v in sets.items()]],
                             env=runs.child_env(), cwd=tmp, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith('{"clip"')]
@@ -106,10 +110,13 @@ def zero_step_arms(data, tmp_path_factory):
 @pytest.mark.parametrize("clip", [0.05, 100.0], ids=["clipped", "unclipped"])
 def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(zero_step_arms, clip):
     """With fused AdamW the clip scale goes into the optimizer's own pass (none when the norm is under the
-    clip): the same model trained both ways in one process ends with the same parameters."""
+    clip), and on one rank with every parameter resident (nitp_ds/one_rank.py) each gradient goes straight
+    into ZeRO-3's gradient buffer, no module hooks run and the parameters stay gathered between steps: the
+    same model trained both ways in one process ends with the same parameters."""
     out = zero_step_arms[clip]
     fast, deepspeed = out["fast"], out["deepspeed"]
-    assert fast["unscale_in_adam"] and not deepspeed["streamlined"]
+    assert fast["unscale_in_adam"] and not deepspeed["streamlined"] and not deepspeed["one_rank"]
+    assert fast["one_rank"] == ["hand_off_gradients", "remove_module_hooks", "keep_parameters_between_steps"]
     clipped = [norm > clip for norm in deepspeed["grad_norm"]]
     assert all(clipped) if clip < 1 else not any(clipped)
     assert fast["loss"] == pytest.approx(deepspeed["loss"], **TOL)

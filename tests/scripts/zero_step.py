@@ -2,7 +2,7 @@
 each gradient clip in CLIPS (comma-separated `optim.grad_clip` values).
 
 argv: RECIPE DS_CONFIG STEPS CLIPS KEY=VALUE...; prints one JSON object per clip: its clip, and per arm
-whether the ZeRO-3 optimizer's step was streamlined, the per-step total loss and gradient norm; plus the
+whether the ZeRO-3 optimizer's step was streamlined and which one-rank shortcuts were applied, the per-step total loss and gradient norm; plus the
 largest difference between the two arms' final parameters.
 """
 
@@ -36,6 +36,7 @@ for clip in clips.split(","):
         arms["fast" if fast else "deepspeed"] = {
             "streamlined": "unscale_and_clip_grads" in optimizer or "get_grad_norm_direct" in optimizer,
             "unscale_in_adam": getattr(engine.optimizer.unscale_and_clip_grads, "__name__", "") == "unscale_in_adam",
+            "one_rank": engine.one_rank_shortcuts,
             "loss": losses, "grad_norm": norms}
         engine.destroy()
     print(json.dumps({"clip": float(clip), **arms, "max_param_diff": float((params[True] - params[False]).abs().max()),
