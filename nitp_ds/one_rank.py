@@ -37,6 +37,7 @@ def streamline_one_rank(zero: Any) -> list[str]:
     params = [p for group in zero.fp16_groups for p in group]
     if len(offload.persistent_parameters) == len(list(offload.module.parameters())):
         remove_module_hooks(offload)
+        params[0].all_gather(params)  # what the hooks would do on first use (compiled layers read them directly)
         keep_parameters_between_steps(zero, params)
         applied += ["remove_module_hooks", "keep_parameters_between_steps"]
     return applied
@@ -66,8 +67,8 @@ def hand_off_gradients(zero: Any) -> None:
 
 def remove_module_hooks(offload: Any) -> None:
     """DeepSpeed's fetch and release hooks around every module (and the autograd nodes they add to each
-    module's inputs and outputs): with every parameter resident they fetch nothing and release nothing. The
-    hook that starts each forward stays."""
+    module's inputs and outputs): with every parameter resident they fetch nothing and release nothing once
+    each parameter is gathered, which the caller does at once. The hook that starts each forward stays."""
     for handle in offload.forward_hooks + offload.backward_hooks:
         handle.remove()
     offload.forward_hooks, offload.backward_hooks = [], []

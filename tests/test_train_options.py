@@ -3,8 +3,9 @@
 - `model.pretrained`: the first step's loss is the Hugging Face model's own loss on that batch, at 1 and 2 ranks.
 - `moe.aux_loss_scope=global` on 2 ranks reproduces, step for step, one rank holding the whole batch
   (whose micro-batch balancing loss is the global-batch one).
-- `train.fast_zero_step` (the streamlined ZeRO-3 optimizer step) gives DeepSpeed's own step's losses,
-  gradient norms and parameters, with AutoEP on 2 ranks and with fused AdamW and clipping on one.
+- `train.fast_zero_step` (the streamlined ZeRO-3 optimizer step, and on one rank the shortcuts of
+  nitp_ds/one_rank.py) gives DeepSpeed's own losses, gradient norms and parameters, with AutoEP on 2 ranks,
+  and on one with fused AdamW, clipping, gradient accumulation, AutoEP or compiled layers.
 - `train.grad_accum=2` reproduces one micro-batch twice as large.
 - `train.activation_checkpointing` gives the losses of a run without it (2 ranks, ZeRO-3 + AutoEP), and
   really recomputes the layers in backward.
@@ -87,33 +88,40 @@ def test_execution_options_give_the_default_losses_on_two_ranks(data, tmp_path, 
         assert column(other, key) == pytest.approx(column(two_ranks_global, key), **TOL), key
 
 
-@pytest.fixture(scope="module")
-def zero_step_arms(data, tmp_path_factory):
+def zero_step_arms(data, tmp, clips: str, sets: dict, ds_changes: dict) -> dict:
     """tests/scripts/zero_step.py: one process trains the same model with the streamlined and DeepSpeed's
-    step, with fused AdamW, at a gradient clip always exceeded (0.05) and one never reached (100), two
-    micro-batches per step (the first copied into ZeRO-3's gradient buffer, the second added to it)."""
+    step, with fused AdamW, at each gradient clip, two micro-batches per step (the first copied into ZeRO-3's
+    gradient buffer, the second added to it), every parameter resident as on one GPU."""
     script = runs.REPO / "tests" / "scripts" / "zero_step.py"
-    tmp = tmp_path_factory.mktemp("zero-step")
     sets = {**runs.TINY, "data.path": data, "train.out_dir": tmp / "run", "optim.fused": "true",
-            "checkpoint.every": 0, "train.grad_accum": 2}
-    ds_config = json.loads(runs.DS_CONFIG.read_text())  # every parameter resident, as on one GPU
+            "checkpoint.every": 0, "train.grad_accum": 2, **sets}
+    ds_config = json.loads(runs.DS_CONFIG.read_text())
     ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = "auto"
+    ds_config.update(ds_changes)
     (tmp / "ds.json").write_text(json.dumps(ds_config))
     result = subprocess.run([sys.executable, str(script), str(runs.REPO / "recipes" / "debug.yaml"),
-                             str(tmp / "ds.json"), "4", "0.05,100", *[f"{k}={v}" for k, v in sets.items()]],
+                             str(tmp / "ds.json"), "4", clips, *[f"{k}={v}" for k, v in sets.items()]],
                             env=runs.child_env(), cwd=tmp, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith('{"clip"')]
     return {out["clip"]: out for out in map(json.loads, lines)}
 
 
-@pytest.mark.parametrize("clip", [0.05, 100.0], ids=["clipped", "unclipped"])
-def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(zero_step_arms, clip):
-    """With fused AdamW the clip scale goes into the optimizer's own pass (none when the norm is under the
-    clip), and on one rank with every parameter resident (nitp_ds/one_rank.py) each gradient goes straight
-    into ZeRO-3's gradient buffer, no module hooks run and the parameters stay gathered between steps: the
-    same model trained both ways in one process ends with the same parameters."""
-    out = zero_step_arms[clip]
+@pytest.fixture(scope="module")
+def autoep_arms(data, tmp_path_factory):
+    """AutoEP's experts, a gradient clip always exceeded (0.05) and one never reached (100)."""
+    return zero_step_arms(data, tmp_path_factory.mktemp("zero-step"), "0.05,100", {}, {})
+
+
+@pytest.fixture(scope="module")
+def compiled_arms(data, tmp_path_factory):
+    """The decoder layers compiled as on a GPU (torch.compile, aot_eager backend), which read their parameters
+    without ZeRO-3's getter; Hugging Face's experts (torch.compile refuses AutoEP's fp32 grouped GEMM on CPU)."""
+    return zero_step_arms(data, tmp_path_factory.mktemp("zero-step-compiled"), "0.05",
+                          {"train.compile_layers": "true"}, {"expert_parallel": {"enabled": False}})
+
+
+def assert_same_training(out: dict, clip: float) -> None:
     fast, deepspeed = out["fast"], out["deepspeed"]
     assert fast["unscale_in_adam"] and not deepspeed["streamlined"] and not deepspeed["one_rank"]
     assert fast["one_rank"] == ["hand_off_gradients", "remove_module_hooks", "keep_parameters_between_steps"]
@@ -122,6 +130,22 @@ def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(zero_step_arm
     assert fast["loss"] == pytest.approx(deepspeed["loss"], **TOL)
     assert fast["grad_norm"] == pytest.approx(deepspeed["grad_norm"], rel=1e-5)
     assert out["max_param_diff"] <= 1e-6 * out["param_scale"]
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0], ids=["clipped", "unclipped"])
+def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(autoep_arms, clip):
+    """With fused AdamW the clip scale goes into the optimizer's own pass (none when the norm is under the
+    clip), and on one rank with every parameter resident (nitp_ds/one_rank.py) each gradient goes straight
+    into ZeRO-3's gradient buffer, no module hooks run and the parameters stay gathered between steps: the
+    same model trained both ways in one process ends with the same parameters."""
+    assert_same_training(autoep_arms[clip], clip)
+
+
+def test_one_rank_shortcuts_with_compiled_layers_match_deepspeed(compiled_arms):
+    """Compiled layers read their parameters directly, not through ZeRO-3's getter: with the module hooks
+    removed, every parameter must already be gathered when the first step starts (a compiled layer traced an
+    empty weight before that was so)."""
+    assert_same_training(compiled_arms[0.05], 0.05)
 
 
 def layer_forward_calls(lm, input_ids) -> int:
