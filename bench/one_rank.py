@@ -74,7 +74,7 @@ def main() -> None:
             results[arm].append(window(args.window))
             print(f"{arm:<10} {results[arm][-1]:,.0f} tokens/s", flush=True)
     offload = zero.parameter_offload
-    params = [p for group in zero.fp16_groups for p in group]
+    params = list(offload.module.parameters())
     if len(offload.persistent_parameters) == len(params):
         one_rank.remove_module_hooks(offload)
         params[0].all_gather(params)

@@ -34,8 +34,8 @@ def streamline_one_rank(zero: Any) -> list[str]:
     applied = ["hand_off_gradients"]
     hand_off_gradients(zero)
     offload = zero.parameter_offload
-    params = [p for group in zero.fp16_groups for p in group]
-    if len(offload.persistent_parameters) == len(list(offload.module.parameters())):
+    params = list(offload.module.parameters())
+    if len(offload.persistent_parameters) == len(params):
         remove_module_hooks(offload)
         params[0].all_gather(params)  # what the hooks would do on first use (compiled layers read them directly)
         keep_parameters_between_steps(zero, params)
