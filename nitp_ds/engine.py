@@ -75,11 +75,12 @@ def nitp_weight_at(step: int, weight: float, warmup_steps: int) -> float:
 # multiplies that buffer by 1/clip-scale, then runs the optimizer. With one GPU and billions of parameters these
 # memory-bound passes cost more than the optimizer itself (shape B of the GPU benchmark: ~25 ms of a 149 ms
 # step). Here (1) reduces the gradients in fp32 as they are (torch's clip_grad_norm_ does the same), all of a
-# sub-group's in one reduction where they lie back to back, and hands DeepSpeed the result in fp64, (2) views the gradients where they already lie back to back in ZeRO-3's
-# gradient buffer, and (3) hands the clip scale to fused AdamW (`grad_scale`, the hook torch.amp's GradScaler
-# uses), which divides inside its one pass. Every other path (CPU offload, NVMe swap, Muon, fp16 loss scaling,
-# non-fused optimizers for (3), the inf-norm) is left to DeepSpeed unchanged. deepspeed is pinned, and
-# tests/test_train_options.py checks losses, gradient norms and parameters against DeepSpeed's own step.
+# sub-group's in one reduction where they lie back to back, and hands DeepSpeed the result in fp64, (2) views
+# the gradients where they already lie back to back in ZeRO-3's gradient buffer, and (3) hands the clip scale
+# to fused AdamW (`grad_scale`, the hook torch.amp's GradScaler uses), which divides inside its one pass.
+# Every other path (CPU offload, NVMe swap, Muon, fp16 loss scaling, non-fused optimizers for (3), the
+# inf-norm) is left to DeepSpeed unchanged. deepspeed is pinned, and tests/test_train_options.py checks
+# losses, gradient norms and parameters against DeepSpeed's own step.
 
 
 class _GradForNorm:
