@@ -73,12 +73,7 @@ def main() -> None:
             zero.reduce_independent_p_g_buckets_and_remove_grads = path
             results[arm].append(window(args.window))
             print(f"{arm:<10} {results[arm][-1]:,.0f} tokens/s", flush=True)
-    offload = zero.parameter_offload
-    params = list(offload.module.parameters())
-    if len(offload.persistent_parameters) == len(params):
-        one_rank.remove_module_hooks(offload)
-        params[0].all_gather(params)
-        one_rank.keep_parameters_between_steps(zero, params)
+    if one_rank.stay_gathered(zero):
         for _ in range(args.repeats):
             results["all"].append(window(args.window))
             print(f"{'all':<10} {results['all'][-1]:,.0f} tokens/s", flush=True)

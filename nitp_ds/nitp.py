@@ -168,7 +168,6 @@ def remove_output_capturing_hooks(lm: nn.Module) -> int:
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
                 removed += 1
-    for module in lm.modules():
         if getattr(module, "_output_capturing_hooks_installed", False):
             module._output_capturing_hooks_installed = False  # asked for later, they are installed anew
     return removed

@@ -31,16 +31,10 @@ def streamline_one_rank(zero: Any) -> list[str]:
             zero.offload_optimizer or zero.offload_param or zero.swap_optimizer or zero.zenflow or \
             zero.gradient_predivide_factor != 1.0:
         return []
-    applied = ["hand_off_gradients"]
     hand_off_gradients(zero)
-    offload = zero.parameter_offload
-    params = list(offload.module.parameters())
-    if len(offload.persistent_parameters) == len(params):
-        remove_module_hooks(offload)
-        params[0].all_gather(params)  # what the hooks would do on first use (compiled layers read them directly)
-        keep_parameters_between_steps(zero, params)
-        applied += ["remove_module_hooks", "keep_parameters_between_steps"]
-    return applied
+    if stay_gathered(zero):
+        return ["hand_off_gradients", "remove_module_hooks", "keep_parameters_between_steps"]
+    return ["hand_off_gradients"]
 
 
 def hand_off_gradients(zero: Any) -> None:
@@ -59,16 +53,29 @@ def hand_off_gradients(zero: Any) -> None:
             slot.copy_(grad.reshape(-1))
         else:
             slot.add_(grad.reshape(-1))
-        zero._offload_boundary_param_ids.add(param.ds_id)
         param.grad = None
 
     zero.reduce_independent_p_g_buckets_and_remove_grads = hand_off
 
 
+def stay_gathered(zero: Any) -> bool:
+    """With every parameter resident: the module hooks removed, every parameter gathered now (what the hooks
+    would do on first use; compiled layers read parameters without ZeRO-3's getter) and kept gathered between
+    steps. False, and nothing done, when some parameter is not resident."""
+    offload = zero.parameter_offload
+    params = list(offload.module.parameters())
+    if len(offload.persistent_parameters) != len(params):
+        return False
+    remove_module_hooks(offload)
+    params[0].all_gather(params)
+    keep_parameters_between_steps(zero, params)
+    return True
+
+
 def remove_module_hooks(offload: Any) -> None:
     """DeepSpeed's fetch and release hooks around every module (and the autograd nodes they add to each
     module's inputs and outputs): with every parameter resident they fetch nothing and release nothing once
-    each parameter is gathered, which the caller does at once. The hook that starts each forward stays."""
+    each parameter is gathered (`stay_gathered`). The hook that starts each forward stays."""
     for handle in offload.forward_hooks + offload.backward_hooks:
         handle.remove()
     offload.forward_hooks, offload.backward_hooks = [], []
