@@ -7,7 +7,8 @@ Usage (one device call runs the whole table):
 Every variant runs in a fresh child process on the same device, one after the other, repeated --repeats times
 interleaved (A B C A B C ...: the machine's drift hits every variant alike); each row reports the median and
 the min-max over the repeats, and the ratio to the baseline of the same repeat. No run starts after
---deadline seconds (the rest are reported as not run); NITP_BENCH_TIMEOUT bounds each run. The host's CPU
+--deadline seconds (the rest are reported as not run), a variant whose first run failed is not run again,
+and NITP_BENCH_TIMEOUT bounds each run. The host's CPU
 model and the GPU are printed with the table (shape A is host-bound: its figures follow the CPU).
 - `baseline`: the stock model under `deepspeed.initialize` (ZeRO-3, bf16, fused torch AdamW), loss =
   the model's own CE + 0.001 · its router aux loss, random tokens: what a user gets without nitp-ds.
@@ -135,6 +136,11 @@ def run_nitp(args, shape: dict, variant: tuple[dict, dict], work: Path, profile:
               "mfu": statistics.median(r.get("mfu", float("nan")) for r in train),
               "memory_gib": max(r.get("memory_gib", 0.0) for r in train), "loss": train[-1]["loss/ntp"],
               "intervals": [round(r["tokens_per_s"]) for r in train]}
+    summary = work / "run" / "summary.json"
+    if summary.exists():  # start-up: seconds to the first step, and its parts
+        phases = json.loads(summary.read_text()).get("phases", {})
+        result["startup_s"] = phases.get("startup_s") and round(phases["startup_s"], 1)
+        result["startup_parts"] = {k: round(v, 1) for k, v in (phases.get("startup_parts") or {}).items()}
     if profile and (work / "profile.txt").exists():
         result["profile"] = (work / "profile.txt").read_text()
     return result
@@ -194,6 +200,8 @@ def main() -> None:
             for variant in args.variants:
                 if time.time() - started > args.deadline:
                     continue
+                if runs[shape_name][variant] and "error" in runs[shape_name][variant][0]:
+                    continue  # it failed on its first run: the time goes to the variants that run
                 result = run_one(args, shape_name, variant)
                 runs[shape_name][variant].append(result)
                 if out:
