@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
+from nitp_ds import one_pass_adamw
 from nitp_ds.one_rank import streamline_one_rank
 
 
@@ -77,7 +78,9 @@ def nitp_weight_at(step: int, weight: float, warmup_steps: int) -> float:
 # step). Here (1) reduces the gradients in fp32 as they are (torch's clip_grad_norm_ does the same), all of a
 # sub-group's in one reduction where they lie back to back, and hands DeepSpeed the result in fp64, (2) views
 # the gradients where they already lie back to back in ZeRO-3's gradient buffer, and (3) hands the clip scale
-# to fused AdamW (`grad_scale`, the hook torch.amp's GradScaler uses), which divides inside its one pass.
+# to fused AdamW (`grad_scale`, the hook torch.amp's GradScaler uses), which divides inside its one pass;
+# with fused torch AdamW, (2) and the optimizer and the copy of the master weights into the bf16 partition
+# become one pass that reads the gradients where they lie (nitp_ds/one_pass_adamw.py).
 # Every other path (CPU offload, NVMe swap, Muon, fp16 loss scaling, non-fused optimizers for (3), the
 # inf-norm) is left to DeepSpeed unchanged. deepspeed is pinned, and tests/test_train_options.py checks
 # losses, gradient norms and parameters against DeepSpeed's own step.
@@ -161,6 +164,7 @@ def streamline_zero3_step(zero: Any) -> bool:
     zero._prepare_fp32_grad_for_sub_group = prepare_fp32_grad
     if fused:
         zero.unscale_and_clip_grads = unscale_in_adam
+        one_pass_adamw.install(zero, _back_to_back)  # AdamW, its gradient read and its bf16 copy in one pass
     return True
 
 

@@ -1,7 +1,8 @@
 """The wall-clock phases of one `nitp train`, measured by the run itself and written into its summary.
 
 - start-up: from the process start (of `nitp train` itself when it started the launcher) to the first step done,
-  and its parts (`mark`): "setup" (imports, process group, data, checks), "model" (the model built and
+  and its parts (`mark`): "imports" (the interpreter and the modules `nitp train` loads before it starts),
+  "setup" (process group, data, checks, and the imports they need), "model" (the model built and
   initialised), "engine" (`deepspeed.initialize`: AutoEP's repack, ZeRO-3's optimizer), "resume" (the checkpoint
   loaded, if any) and "first_step" (the first step with its compilation);
 - each checkpoint save: the seconds training waited for it (the checkpoint manager times them);

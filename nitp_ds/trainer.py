@@ -83,7 +83,9 @@ def prepare_run_dir(cfg: Config, run_dir: Path, force: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ds_config_path: str | Path, *, force: bool = False):
+    def __init__(self, cfg: Config, ds_config_path: str | Path, *, force: bool = False,
+                 entered: float | None = None):
+        """`entered`: when `train` was called, the end of the start-up's imports (default: now)."""
         validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.train.out_dir)
@@ -91,6 +93,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.state = RunState()
         self.phases = Phases(say=self.say if debug_enabled() else None)
+        self.phases.mark("imports", entered)
         self.force = force
         ds_raw = load_ds_config(ds_config_path)
         # A --resume path is checked now, before the run directory is written; --force starts afresh.
@@ -412,12 +415,13 @@ def discard_gradients(engine) -> None:
 
 
 def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> dict[str, Any]:
+    entered = time.time()  # the start-up's imports end here
     ensure_dist_env()
     start_process_group()
 
     def start() -> Trainer:
         prepare_run_dir(cfg, Path(cfg.train.out_dir), force)
-        return Trainer(cfg, ds_config_path, force=force)
+        return Trainer(cfg, ds_config_path, force=force, entered=entered)
 
     try:
         summary = agree_on_errors(start).run()

@@ -26,6 +26,7 @@ TINY = {
     "model.hidden_size": 32, "model.num_layers": 2, "data.seq_len": 32, "train.micro_batch_size": 2,
     "logging.every": 1, "train.deterministic": "true", "train.eval_every": 0, "train.eval_tokens": 64,
     "train.steps": 6, "checkpoint.every": 3, "checkpoint.keep_last": 0,
+    "optim.fused": "true",  # fused AdamW, as on a GPU: the one-pass ZeRO-3 step (nitp_ds/one_pass_adamw.py)
 }
 
 STDLIB_MODULES = ["os", "json", "re", "collections", "itertools", "functools", "pathlib", "subprocess", "argparse",

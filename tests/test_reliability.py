@@ -40,7 +40,7 @@ def reference(data, tmp_path_factory):
     assert 0 < phases["final_save_s"] <= phases["end_s"]
     assert 0 < phases["startup_s"] < phases["startup_s"] + phases["train_s"] + phases["end_s"] <= phases["total_s"]
     parts = phases["startup_parts"]  # the start-up's parts, in order, add up to it
-    assert list(parts) == ["setup", "model", "engine", "resume", "first_step"] and min(parts.values()) >= 0
+    assert list(parts) == ["imports", "setup", "model", "engine", "resume", "first_step"] and min(parts.values()) >= 0
     assert sum(parts.values()) == pytest.approx(phases["startup_s"], abs=1e-6)
     assert "time: start-up" in result.stdout and "time: checkpoint saves" in result.stdout
     return run_dir

@@ -123,7 +123,8 @@ def compiled_arms(data, tmp_path_factory):
 
 def assert_same_training(out: dict, clip: float) -> None:
     fast, deepspeed = out["fast"], out["deepspeed"]
-    assert fast["unscale_in_adam"] and not deepspeed["streamlined"] and not deepspeed["one_rank"]
+    assert fast["unscale_in_adam"] and fast["one_pass_adamw"]
+    assert not deepspeed["streamlined"] and not deepspeed["one_pass_adamw"] and not deepspeed["one_rank"]
     assert fast["one_rank"] == ["hand_off_gradients", "remove_module_hooks", "keep_parameters_between_steps"]
     clipped = [norm > clip for norm in deepspeed["grad_norm"]]
     assert all(clipped) if clip < 1 else not any(clipped)
@@ -134,8 +135,9 @@ def assert_same_training(out: dict, clip: float) -> None:
 
 @pytest.mark.parametrize("clip", [0.05, 100.0], ids=["clipped", "unclipped"])
 def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(autoep_arms, clip):
-    """With fused AdamW the clip scale goes into the optimizer's own pass (none when the norm is under the
-    clip), and on one rank with every parameter resident (nitp_ds/one_rank.py) each gradient goes straight
+    """With fused AdamW the clip scale, the gradients as they lie in ZeRO-3's buffer and the copy into the
+    partition go into one pass of the optimizer (nitp_ds/one_pass_adamw.py; no scale when the norm is under
+    the clip), and on one rank with every parameter resident (nitp_ds/one_rank.py) each gradient goes straight
     into ZeRO-3's gradient buffer, no module hooks run and the parameters stay gathered between steps: the
     same model trained both ways in one process ends with the same parameters."""
     assert_same_training(autoep_arms[clip], clip)

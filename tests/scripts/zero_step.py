@@ -42,6 +42,7 @@ for clip in clips.split(","):
         arms["fast" if fast else "deepspeed"] = {
             "streamlined": "unscale_and_clip_grads" in optimizer or "get_grad_norm_direct" in optimizer,
             "unscale_in_adam": getattr(engine.optimizer.unscale_and_clip_grads, "__name__", "") == "unscale_in_adam",
+            "one_pass_adamw": getattr(engine.optimizer._optimizer_step, "__name__", "") == "one_pass_step",
             "one_rank": engine.one_rank_shortcuts,
             "loss": losses, "grad_norm": norms}
         engine.destroy()
