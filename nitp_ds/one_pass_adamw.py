@@ -62,7 +62,10 @@ def applies(zero: Any) -> bool:
         return False
     if any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable") for g in adam.param_groups):
         return False
-    return all(flat is not None for flat in zero.fp16_partitioned_groups_flat)  # none swapped to NVMe
+    if getattr(zero, "offload_param", False):  # partitions in host memory: DeepSpeed's copy crosses devices
+        return False
+    return all(flat is not None and flat.device == master.device  # none swapped to NVMe
+               for flat, master in zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat))
 
 
 def install(zero: Any, back_to_back: Callable[[list[torch.Tensor]], torch.Tensor | None]) -> bool:
