@@ -77,6 +77,24 @@ def test_resume_after_sigkill_gives_identical_losses(data, reference, tmp_path):
     assert runs.curve(run_dir) == runs.curve(reference)
 
 
+@pytest.mark.parametrize("first,then", [("false", "true"), ("true", "false")], ids=["deepspeed-then-fast",
+                                                                                     "fast-then-deepspeed"])
+def test_resume_across_the_one_pass_and_deepspeeds_optimizer_step(data, reference, tmp_path, first, then):
+    """The one-pass AdamW of `train.fast_zero_step` keeps torch AdamW's own state (step, moments): a run
+    saved under DeepSpeed's step resumes under the one-pass step, and the reverse, with the uninterrupted
+    run's losses (to float rounding: the two paths sum in another order)."""
+    run_dir = tmp_path / "run"
+    saved = runs.train(data, run_dir, **{"train.fast_zero_step": first, "train.steps": 3})
+    assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
+    resumed = runs.train(data, run_dir, **{"train.fast_zero_step": then})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "global_step3" in resumed.stdout
+    got, want = runs.curve(run_dir), runs.curve(reference)
+    assert [row[0] for row in got] == [row[0] for row in want] == [1, 2, 3, 4, 5, 6]
+    for row, expected in zip(got, want):
+        assert row == pytest.approx(expected, rel=2e-6, abs=1e-7), (row, expected)
+
+
 def test_incomplete_checkpoint_is_skipped_and_run_resumes_from_previous(data, reference, tmp_path):
     # What a SIGKILL in the middle of saving step 6 leaves: DeepSpeed's files (here truncated) and no
     # nitp_meta.json; `latest` still names step 3 because it is replaced only after the meta is written.
