@@ -47,8 +47,11 @@ _COMPILED: dict[str, Callable[..., None]] = {}
 
 
 def update_for(device: torch.device) -> Callable[..., None]:
-    """`adamw_update` compiled into one kernel on a GPU; as it is elsewhere."""
-    if device.type != "cuda":
+    """`adamw_update` compiled into one kernel on a GPU with Triton; as it is elsewhere (`train.fast_zero_step=false`
+    leaves the whole step to DeepSpeed where compiling fails)."""
+    from torch.utils._triton import has_triton
+
+    if device.type != "cuda" or not has_triton():
         return adamw_update
     if "cuda" not in _COMPILED:
         _COMPILED["cuda"] = torch.compile(adamw_update, fullgraph=True, dynamic=True)
