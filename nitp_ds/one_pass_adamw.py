@@ -7,11 +7,13 @@ the sub-group. On shape B of the GPU benchmark (3.1B parameters, one H200) these
 ~120 ms step. `adamw_update` does the same arithmetic as torch's fused kernel (ATen's fused_adam_utils.cuh)
 in one pointwise function: it reads the gradient in the dtype it was reduced in, updates the master weights and
 both moments, and writes the partition (28 bytes per parameter, no buffer); on a GPU torch.compile makes it one
-kernel, elsewhere it runs eagerly. The optimizer state stays torch AdamW's own (`adam.state[master]`: step,
+kernel, elsewhere it runs eagerly (bench/one_pass_adamw.py, one H200: 7.0 ms instead of 13.7 ms per billion
+parameters; shape B's step went from ~122 to ~100 ms). The optimizer state stays torch AdamW's own (`adam.state[master]`: step,
 exp_avg, exp_avg_sq), so checkpoints are unchanged: DeepSpeed's step resumes them, and this one resumes
 DeepSpeed's. It applies to fused torch Adam/AdamW without amsgrad or maximize; any other optimizer keeps
 DeepSpeed's path. tests/test_train_options.py checks losses, gradient norms and parameters against DeepSpeed's
-own step; tests/test_one_pass_adamw.py checks the arithmetic against torch's fused AdamW, compiled too.
+own step, tests/test_reliability.py resumes checkpoints across the two, and tests/test_one_pass_adamw.py checks
+the arithmetic against torch's fused AdamW, compiled too.
 """
 
 from __future__ import annotations
