@@ -18,6 +18,7 @@ the arithmetic against torch's fused AdamW, compiled too.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -45,7 +46,9 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     out.copy_(master)
 
 
-_COMPILED: dict[str, Callable[..., None]] = {}
+@functools.cache
+def _compiled_update() -> Callable[..., None]:
+    return torch.compile(adamw_update, fullgraph=True, dynamic=True)
 
 
 def update_for(device: torch.device) -> Callable[..., None]:
@@ -53,11 +56,7 @@ def update_for(device: torch.device) -> Callable[..., None]:
     leaves the whole step to DeepSpeed where compiling fails)."""
     from torch.utils._triton import has_triton
 
-    if device.type != "cuda" or not has_triton():
-        return adamw_update
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(adamw_update, fullgraph=True, dynamic=True)
-    return _COMPILED["cuda"]
+    return _compiled_update() if device.type == "cuda" and has_triton() else adamw_update
 
 
 def applies(zero: Any) -> bool:
@@ -80,6 +79,9 @@ def install(zero: Any, back_to_back: Callable[[list[torch.Tensor]], torch.Tensor
     if not applies(zero):
         return False
     adam = zero.optimizer
+    device = zero.fp32_partitioned_groups_flat[0].device  # every sub-group's, as ZeRO-3 places them
+    update = update_for(device)
+    no_scale = torch.ones((), dtype=torch.float32, device=device)
     prepare_grad, optimizer_step = zero._prepare_fp32_grad_for_sub_group, zero._optimizer_step
     reassign = zero._reassign_or_swap_out_partitioned_parameters
     pending: dict[int, torch.Tensor] = {}  # sub-group -> its flat gradient, between prepare and step
@@ -110,14 +112,11 @@ def install(zero: Any, back_to_back: Callable[[list[torch.Tensor]], torch.Tensor
         lr = group["lr"]
         lr = lr.to(master.device, torch.float32) if torch.is_tensor(lr) else \
             torch.full((), lr, dtype=torch.float32, device=master.device)
-        scale = adam.grad_scale if getattr(adam, "grad_scale", None) is not None else \
-            torch.ones((), dtype=torch.float32, device=master.device)
+        scale = adam.grad_scale if getattr(adam, "grad_scale", None) is not None else no_scale
         beta1, beta2 = group["betas"]
-        update_for(master.device)(master, grad, state["exp_avg"], state["exp_avg_sq"],
-                                  zero.fp16_partitioned_groups_flat[sub_group_id], state["step"], lr,
-                                  scale.reshape(()), float(beta1), float(beta2), float(group["eps"]),
-                                  float(group["weight_decay"]),
-                                  bool(group.get("decoupled_weight_decay", type(adam) is torch.optim.AdamW)))
+        update(master, grad, state["exp_avg"], state["exp_avg_sq"], zero.fp16_partitioned_groups_flat[sub_group_id],
+               state["step"], lr, scale.reshape(()), float(beta1), float(beta2), float(group["eps"]),
+               float(group["weight_decay"]), bool(group.get("decoupled_weight_decay", type(adam) is torch.optim.AdamW)))
         updated.add(sub_group_id)
 
     def reassign_updated(sub_group_id: int) -> None:
