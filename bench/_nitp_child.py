@@ -5,9 +5,11 @@ the top operators (CUDA time) to PATH. Checkpoint saves, the final one included,
 training, not I/O (a checkpoint of shape B is 35 GiB).
 """
 
+import gc
 import os
 import sys
 
+gc.disable()  # as `nitp train` does before its imports (nitp_ds.trainer.train turns it on for the loop)
 import torch
 
 from nitp_ds import trainer as t

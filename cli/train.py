@@ -88,6 +88,9 @@ def train_command(
                                 num_nodes=num_nodes, hostfile=hostfile, node_rank=node_rank,
                                 master_addr=master_addr, master_port=master_port, run_dir=cfg.train.out_dir))
 
+    import gc
+
+    gc.disable()  # for the start-up's imports; `train` turns it on again when the training loop starts
     from nitp_ds.trainer import train
 
     try:

@@ -180,28 +180,26 @@ def router_losses(router_logits: list[torch.Tensor], top_k: int, token_mask: tor
     if not router_logits:
         zero = torch.zeros(())
         return {"aux": zero, "z": zero, "load": torch.zeros(0, 0)}
-    aux_terms, z_terms, loads = [], [], []
-    for logits in router_logits:
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        num_experts = logits.shape[-1]
-        weight = (token_mask.reshape(-1).float() if token_mask is not None
-                  else torch.ones(logits.shape[0], device=logits.device))
-        probs = torch.softmax(logits, dim=-1)
-        chosen = torch.topk(probs, top_k, dim=-1).indices
-        counts = torch.zeros(num_experts, device=logits.device).scatter_add_(
-            0, chosen.reshape(-1), weight.repeat_interleave(top_k))
-        tokens = weight.sum()
-        if group is not None:
-            import torch.distributed as dist
+    # All layers at once ([L, N, E]): a few kernels per step instead of a dozen per layer, which on a
+    # host-bound step (shape A of bench/gpu_compare.py, 16 layers) is CPU time taken off every step.
+    logits = torch.stack([l.reshape(-1, l.shape[-1]) for l in router_logits]).float()
+    layers, n, num_experts = logits.shape
+    weight = token_mask.reshape(-1).float() if token_mask is not None else torch.ones(n, device=logits.device)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(layers, -1)
+    counts = torch.zeros(layers, num_experts, device=logits.device).scatter_add_(
+        1, chosen, weight.repeat_interleave(top_k).expand(layers, -1))
+    tokens = weight.sum()
+    if group is not None:
+        import torch.distributed as dist
 
-            reduced = torch.cat([counts, tokens.reshape(1)])
-            dist.all_reduce(reduced, group=group)
-            global_counts, global_tokens = reduced[:-1], reduced[-1]
-        else:
-            global_counts, global_tokens = counts, tokens
-        f = global_counts / (global_tokens.clamp(min=1.0) * top_k)
-        p_mean = (probs * weight.unsqueeze(1)).sum(0) / tokens.clamp(min=1.0)
-        aux_terms.append(num_experts * (f * p_mean).sum())
-        z_terms.append(((torch.logsumexp(logits, dim=-1) ** 2) * weight).sum() / tokens.clamp(min=1.0))
-        loads.append(counts.detach())
-    return {"aux": torch.stack(aux_terms).mean(), "z": torch.stack(z_terms).mean(), "load": torch.stack(loads)}
+        reduced = torch.cat([counts.reshape(-1), tokens.reshape(1)])
+        dist.all_reduce(reduced, group=group)
+        global_counts, global_tokens = reduced[:-1].reshape(layers, num_experts), reduced[-1]
+    else:
+        global_counts, global_tokens = counts, tokens
+    f = global_counts / (global_tokens.clamp(min=1.0) * top_k)
+    p_mean = (probs * weight[None, :, None]).sum(1) / tokens.clamp(min=1.0)
+    aux = num_experts * (f * p_mean).sum(-1)
+    z = ((torch.logsumexp(logits, dim=-1) ** 2) * weight).sum(-1) / tokens.clamp(min=1.0)
+    return {"aux": aux.mean(), "z": z.mean(), "load": counts.detach()}

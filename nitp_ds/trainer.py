@@ -148,6 +148,7 @@ class Trainer:
         self.flops = self.flops_model()
         self.start_interval()
         status = "finished"
+        gc.enable()  # off for the start-up (`train`); the loop's own pause (`train.gc_every`) begins with a collection
         try:  # the loggers close on every way out (W&B's run finished, TensorBoard flushed)
             with PausedGC(cfg.train.gc_every) as paused_gc:
                 while self.state.step < cfg.train.steps:
@@ -416,6 +417,17 @@ def discard_gradients(engine) -> None:
 
 def train(cfg: Config, ds_config_path: str | Path, *, force: bool = False) -> dict[str, Any]:
     entered = time.time()  # the start-up's imports end here
+    # Python's cyclic GC is off until the training loop starts: the start-up allocates millions of objects
+    # (imports, the model, the engine) and each automatic full collection walks all of them; `nitp train` turns
+    # it off before its imports too. It is on again whichever way `train` ends.
+    gc.disable()
+    try:
+        return _train(cfg, ds_config_path, force, entered)
+    finally:
+        gc.enable()
+
+
+def _train(cfg: Config, ds_config_path: str | Path, force: bool, entered: float) -> dict[str, Any]:
     ensure_dist_env()
     start_process_group()
 

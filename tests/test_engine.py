@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from nitp_ds.engine import nitp_weight_at
 from runs import prepare_data, train
@@ -34,3 +35,23 @@ def test_total_loss_uses_the_ramped_lambda_across_a_resume(tmp_path):
     meta = json.loads((run / "checkpoints" / "global_step6" / "nitp_meta.json").read_text())
     assert {k: meta["nitp"][k] for k in ("loss", "offset", "stop_grad", "weight_warmup_steps")} == {
         "loss": "cosine", "offset": 1, "stop_grad": True, "weight_warmup_steps": 4}
+
+
+def test_defragment_on_device_matches_deepspeeds_flat_buffer():
+    from deepspeed.runtime.zero.utils import defragment
+
+    from nitp_ds.engine import defragment_on_device
+
+    def partitions():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(n, generator=g).to(torch.bfloat16) for n in (7, 1, 300, 64)]
+
+    ours, theirs = partitions(), partitions()
+    flat, expected = defragment_on_device(ours), defragment(theirs)
+    assert torch.equal(flat, expected) and flat.dtype == torch.bfloat16
+    offset = 0
+    for a, b in zip(ours, theirs):  # every partition now a view of the flat buffer, where DeepSpeed puts it
+        assert a.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        assert a.storage_offset() == offset and torch.equal(a, b)
+        offset += a.numel()
+    assert offset == flat.numel()

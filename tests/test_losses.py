@@ -39,6 +39,23 @@ def test_aux_loss_matches_an_independent_reference(top_k):
     assert out["load"].sum().item() == pytest.approx(3 * 37 * top_k)
 
 
+def test_layers_at_once_equal_each_layer_on_its_own():
+    # router_losses takes all layers in one stacked pass: each layer's terms, load row and gradient must be the
+    # ones that layer gives alone
+    torch.manual_seed(0)
+    layers = [torch.randn(50, 8, requires_grad=True) for _ in range(4)]
+    mask = (torch.rand(50) > 0.2).long()
+    together = router_losses(layers, 2, token_mask=mask)
+    alone = [router_losses([l], 2, token_mask=mask) for l in layers]
+    assert together["aux"].item() == pytest.approx(sum(a["aux"].item() for a in alone) / 4, rel=1e-6)
+    assert together["z"].item() == pytest.approx(sum(a["z"].item() for a in alone) / 4, rel=1e-6)
+    assert torch.equal(together["load"], torch.cat([a["load"] for a in alone]))
+    grads = torch.autograd.grad(together["aux"] + together["z"], layers)
+    for layer, alone_out, grad in zip(layers, alone, grads):
+        expected = torch.autograd.grad((alone_out["aux"] + alone_out["z"]) / 4, layer)[0]
+        torch.testing.assert_close(grad, expected)
+
+
 def test_aux_loss_is_one_when_perfectly_balanced():
     logits = torch.log(torch.full((8, 4), 0.25)) + torch.eye(4).repeat(2, 1) * 1e-3
     assert router_losses([logits], 1)["aux"].item() == pytest.approx(1.0, abs=1e-3)
