@@ -186,16 +186,14 @@ def streamline_zero3_step(zero: Any) -> bool:
         # DeepSpeed's formula, in the norm's own dtype on the device as DeepSpeed computes it, handed to AdamW as
         # its grad_scale instead of a pass over the gradients. Nothing here waits on the device: reading the norm
         # on the host made the CPU wait for every sub-group's update before queueing the next one.
-        if zero.clip_grad <= 0.0 and zero.loss_scale == 1.0:
-            adam.grad_scale = None
-            return
         device = zero.fp32_partitioned_groups_flat[sub_group_id].device
-        scale = torch.as_tensor(total_norm, device=device) / zero.loss_scale
-        if zero.clip_grad > 0.0:
-            scale = torch.clamp((scale + 1e-6) / zero.clip_grad, min=1.0)
-        else:
-            scale = torch.ones_like(scale)
-        adam.grad_scale = (scale * zero.loss_scale).to(torch.float32).reshape(1)
+        if zero.clip_grad <= 0.0:  # the loss scale alone, a number on the host (1 in bf16: no scale at all)
+            scale = zero.loss_scale
+            adam.grad_scale = None if scale == 1.0 else torch.full((1,), float(scale), device=device)
+            return
+        clip = torch.clamp((torch.as_tensor(total_norm, device=device) / zero.loss_scale + 1e-6) / zero.clip_grad,
+                           min=1.0)
+        adam.grad_scale = (clip * zero.loss_scale).to(torch.float32).reshape(1)
 
     zero.get_grad_norm_direct = get_grad_norm_direct
     zero._prepare_fp32_grad_for_sub_group = prepare_fp32_grad

@@ -199,7 +199,8 @@ def router_losses(router_logits: list[torch.Tensor], top_k: int, token_mask: tor
     else:
         global_counts, global_tokens = counts, tokens
     f = global_counts / (global_tokens.clamp(min=1.0) * top_k)
-    p_mean = (probs * weight[None, :, None]).sum(1) / tokens.clamp(min=1.0)
+    local_tokens = tokens.clamp(min=1.0)
+    p_mean = (probs * weight[None, :, None]).sum(1) / local_tokens
     aux = num_experts * (f * p_mean).sum(-1)
-    z = ((torch.logsumexp(logits, dim=-1) ** 2) * weight).sum(-1) / tokens.clamp(min=1.0)
+    z = ((torch.logsumexp(logits, dim=-1) ** 2) * weight).sum(-1) / local_tokens
     return {"aux": aux.mean(), "z": z.mean(), "load": counts.detach()}

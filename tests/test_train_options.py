@@ -137,9 +137,9 @@ def assert_same_training(out: dict, clip: float) -> None:
 @pytest.mark.parametrize("clip", [0.05, 100.0], ids=["clipped", "unclipped"])
 def test_streamlined_zero3_step_with_fused_adamw_matches_deepspeed(autoep_arms, clip):
     """With fused AdamW the clip scale, the gradients as they lie in ZeRO-3's buffer and the copy into the
-    partition go into one pass of the optimizer (nitp_ds/one_pass_adamw.py; no scale when the norm is under
-    the clip), and on one rank with every parameter resident (nitp_ds/one_rank.py) each gradient goes straight
-    into ZeRO-3's gradient buffer, no module hooks run and the parameters stay gathered between steps: the
+    partition go into one pass of the optimizer (nitp_ds/one_pass_adamw.py; the scale computed on the device,
+    1 when the norm is under the clip), and on one rank with every parameter resident (nitp_ds/one_rank.py)
+    each gradient goes straight into ZeRO-3's gradient buffer, no module hooks run and the parameters stay gathered between steps: the
     same model trained both ways in one process ends with the same parameters."""
     assert_same_training(autoep_arms[clip], clip)
 
