@@ -42,6 +42,8 @@ if profile_path:
             with open(profile_path, "w") as f:
                 f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
                 f.write("\n\n")
+                f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=70))
+                f.write("\n\n")
                 f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
                 f.write("\n\n")
                 f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))

@@ -85,17 +85,22 @@ def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
         initialize_module(model.nitp_head, partial(init_head, init_std=lm.config.initializer_range),
                           on_host=cfg.model.init_on_host)
     compile_layers = cfg.train.compile_layers if cfg.train.compile_layers is not None else torch.cuda.is_available()
-    if compile_layers:
-        from nitp_ds.models import compile_decoder_layers
+    if compile_layers:  # the decoder layers and the NITP head, each compiled as it is called
+        from nitp_ds.models import compile_decoder_layers, compile_forward
 
         compile_decoder_layers(lm)
+        if model.nitp_head is not None:
+            compile_forward(model.nitp_head)
     if cfg.train.zero3_fetch == "layer":
-        # One ZeRO-3 fetch unit per decoder layer, as FSDP wraps per block: DeepSpeed then gathers and
-        # releases a layer's parameters together and runs none of its Python hooks on the submodules
-        # inside (they run around every module, even when its parameters are resident).
+        # One ZeRO-3 fetch unit per decoder layer (and one for the NITP head), as FSDP wraps per block:
+        # DeepSpeed then gathers and releases a unit's parameters together and runs none of its Python hooks
+        # on the submodules inside (they run around every module, even when its parameters are resident).
         from deepspeed.utils import set_z3_leaf_modules
+        from deepspeed.utils.z3_leaf_module import set_z3_leaf_modules_by_name
 
         set_z3_leaf_modules(model, list({type(layer) for layer in lm.model.layers}))
+        if model.nitp_head is not None:  # by name: a linear head's class is every nn.Linear's
+            set_z3_leaf_modules_by_name(model, ["nitp_head"])
     return model
 
 

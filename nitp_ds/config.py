@@ -109,8 +109,8 @@ class TrainConfig:
     eval_tokens: int = 1_000_000  # cap on scored validation tokens, spread over the whole val split (evaluate.py)
     activation_checkpointing: bool = False
     ce_chunk_tokens: int = 8192  # cross-entropy is computed this many tokens at a time
-    compile_loss: bool | None = None  # torch.compile the cross-entropy's softmax gradient; None: on CUDA only
-    compile_layers: bool | None = None  # torch.compile each decoder layer's forward; None: on CUDA only
+    compile_loss: bool | None = None  # torch.compile the cross-entropy's softmax gradient, the NITP loss; None: CUDA only
+    compile_layers: bool | None = None  # torch.compile each decoder layer's and the NITP head's forward; None: CUDA only
     zero3_fetch: str = "layer"  # layer: each decoder layer is one ZeRO-3 fetch unit; module: one per module
     fast_zero_step: bool = True  # ZeRO-3's step without its fp64-norm, flatten and unscale passes; one_rank.py
     gc_every: int = 50  # automatic Python GC paused in the loop, young generations collected every N steps; 0: off

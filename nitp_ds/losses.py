@@ -167,6 +167,13 @@ def nitp_loss(prediction: torch.Tensor, target: torch.Tensor, labels: torch.Tens
     return (per_position * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+@functools.cache
+def compiled_nitp_loss():
+    """`nitp_loss` as `torch.compile`d kernels: its fp32 casts, cosine and masked mean fused into a few passes
+    instead of some twenty eager kernels forward and thirty backward (each a launch on a host-bound step)."""
+    return torch.compile(nitp_loss, dynamic=False, fullgraph=True)
+
+
 def router_losses(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None,
                   group=None) -> dict[str, torch.Tensor]:
     """Switch/Mixtral-style load-balancing loss, router z-loss, and tokens per expert.

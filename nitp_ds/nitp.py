@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nitp_ds.losses import (chunked_cross_entropy, cross_entropy_per_row, nitp_loss, router_losses,
-                            use_compiled_loss)
+from nitp_ds.losses import (chunked_cross_entropy, compiled_nitp_loss, cross_entropy_per_row, nitp_loss,
+                            router_losses, use_compiled_loss)
 from nitp_ds.models import experts_per_token
 from nitp_ds.models.families import AUTOEP_ROUTER, family_of
 
@@ -132,9 +132,9 @@ class NITPModel(nn.Module):
         self._target = None
         hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
+        compiled = use_compiled_loss(self.compile_loss, hidden.device)
         if torch.is_grad_enabled():
-            ntp, tokens = chunked_cross_entropy(hidden, weight, labels, self.ce_chunk_tokens,
-                                                compiled=use_compiled_loss(self.compile_loss, hidden.device))
+            ntp, tokens = chunked_cross_entropy(hidden, weight, labels, self.ce_chunk_tokens, compiled=compiled)
             parts = {"ntp": ntp, "tokens": tokens}
         else:  # evaluation: the same loss kept per sequence, for the standard error of the validation loss
             row_sums, row_tokens = cross_entropy_per_row(hidden, weight, labels, self.ce_chunk_tokens)
@@ -142,8 +142,8 @@ class NITPModel(nn.Module):
             parts = {"ntp": row_sums.sum() / tokens.clamp(min=1), "tokens": tokens.long(),
                      "ntp_rows": row_sums, "tokens_rows": row_tokens}
         if self.nitp_head is not None:
-            parts["nitp"] = nitp_loss(self.nitp_head(hidden), self._target, labels, self.nitp_loss_kind,
-                                      self.offset)
+            loss_fn = compiled_nitp_loss() if compiled else nitp_loss
+            parts["nitp"] = loss_fn(self.nitp_head(hidden), self._target, labels, self.nitp_loss_kind, self.offset)
         else:
             parts["nitp"] = torch.zeros((), device=hidden.device)
         group = self.aux_group_fn() if self.aux_group_fn is not None else None

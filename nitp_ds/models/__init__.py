@@ -139,12 +139,18 @@ def compile_decoder_layers(lm, backend: str = "inductor") -> None:
     every layer was compiled anew. What the memory-efficient linear is for holds in compiled code anyway: the
     compiled backward saves the weight parameter itself, not a view of its gathered data (tested).
     """
-    import torch
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in lm.model.layers:
-        layer.forward = with_torch_linear(torch.compile(layer.forward, dynamic=False, backend=backend))
+        compile_forward(layer, backend)
+
+
+def compile_forward(module, backend: str = "inductor") -> None:
+    """`torch.compile` one module's forward in place, with torch's own `F.linear` (see `compile_decoder_layers`)."""
+    import torch
+
+    module.forward = with_torch_linear(torch.compile(module.forward, dynamic=False, backend=backend))
 
 
 def with_torch_linear(fn):

@@ -4,9 +4,9 @@ each gradient clip in CLIPS (comma-separated `optim.grad_clip` values).
 argv: RECIPE DS_CONFIG STEPS CLIPS KEY=VALUE...; prints one JSON object per clip: its clip, and per arm
 whether the ZeRO-3 optimizer's step was streamlined, which one-rank shortcuts were applied, the per-step
 total loss and gradient norm; plus the largest difference between the two arms' final parameters.
-`train.compile_layers=true` compiles the decoder layers with torch.compile's aot_eager backend (inductor
-refuses AutoEP's fp32 grouped GEMM on CPU): a compiled layer reads its parameters without ZeRO-3's getter,
-as on a GPU.
+`train.compile_layers=true` compiles the decoder layers and the NITP head with torch.compile's aot_eager
+backend (inductor refuses AutoEP's fp32 grouped GEMM on CPU): a compiled module reads its parameters without
+ZeRO-3's getter, as on a GPU.
 """
 
 import json
@@ -19,8 +19,8 @@ from nitp_ds.config import load_config
 from nitp_ds.distributed import ensure_dist_env
 from nitp_ds.trainer import Trainer
 
-compile_layers = nitp_ds.models.compile_decoder_layers
-nitp_ds.models.compile_decoder_layers = lambda lm: compile_layers(lm, backend="aot_eager")
+compile_forward = nitp_ds.models.compile_forward
+nitp_ds.models.compile_forward = lambda module, backend="inductor": compile_forward(module, backend="aot_eager")
 recipe, ds_path, steps, clips, *overrides = sys.argv[1:]
 ensure_dist_env()
 for clip in clips.split(","):
