@@ -77,7 +77,8 @@ def test_execution_options_give_the_default_losses_on_two_ranks(data, tmp_path, 
     """Three options change how the step runs, not what it computes; all three switched away from their
     defaults in one 2-rank ZeRO-3 + AutoEP run give the default run's losses (any one of them off by more
     than the tolerance fails it):
-    - `train.zero3_fetch=module`: DeepSpeed's per-module fetch hooks instead of one ZeRO-3 leaf per layer;
+    - `train.zero3_fetch=module`: DeepSpeed's per-module fetch hooks instead of one ZeRO-3 leaf per layer
+      and one for the NITP head;
     - `train.fast_zero_step=false`: DeepSpeed's own ZeRO-3 step instead of the streamlined one (fp32 norms,
       gradients viewed in place), with expert gradients normed over the expert-parallel group;
     - `train.activation_checkpointing=true`: every layer recomputed in backward."""
