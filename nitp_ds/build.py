@@ -95,8 +95,7 @@ def build_nitp_model(cfg: Config, run: ResolvedRun) -> torch.nn.Module:
         # One ZeRO-3 fetch unit per decoder layer (and one for the NITP head), as FSDP wraps per block:
         # DeepSpeed then gathers and releases a unit's parameters together and runs none of its Python hooks
         # on the submodules inside (they run around every module, even when its parameters are resident).
-        from deepspeed.utils import set_z3_leaf_modules
-        from deepspeed.utils.z3_leaf_module import set_z3_leaf_modules_by_name
+        from deepspeed.utils import set_z3_leaf_modules, set_z3_leaf_modules_by_name
 
         set_z3_leaf_modules(model, list({type(layer) for layer in lm.model.layers}))
         if model.nitp_head is not None:  # by name: a linear head's class is every nn.Linear's
