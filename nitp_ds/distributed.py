@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from nitp_ds.console import third_party_prints_hidden
 from nitp_ds.errors import NITPError
@@ -167,6 +167,27 @@ def all_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
     if dist.is_initialized() and world_size > 1:
         dist.all_reduce(values)
     return values
+
+
+def all_sum_read_later(values: torch.Tensor, world_size: int) -> Callable[[], list[float]]:
+    """`all_sum(values)` queued now and read on the host by the returned function, which waits for that sum
+    alone, not for the device work queued after it (a `.tolist()` then would wait for all of it)."""
+    total = all_sum(values, world_size)
+    if total.device.type != "cuda":
+        result = total.tolist()
+        return lambda: result
+    import torch
+
+    host = torch.empty(total.shape, dtype=total.dtype, pin_memory=True)
+    host.copy_(total, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list[float]:
+        copied.synchronize()
+        return host.tolist()
+
+    return read
 
 
 def all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:

@@ -31,9 +31,12 @@ def process_start() -> float:
 
 
 class Phases:
-    def __init__(self, say: Callable[[str], None] | None = None) -> None:
-        """`say`, if given, is told each start-up part as it ends (`nitp train --debug`: where a slow start is)."""
-        self.say = say
+    def __init__(self, say: Callable[[str], None] | None = None,
+                 wait: Callable[[], None] | None = None) -> None:
+        """`say`, if given, is told each start-up part as it ends (`nitp train --debug`: where a slow start is);
+        `wait`, if given, waits for the device's queued work, before the first step is marked done (the loop
+        queues a step's work ahead of the device)."""
+        self.say, self.wait = say, wait
         self.start = process_start()
         self.last_step: float | None = None
         self.marks: dict[str, float] = {}  # start-up part -> when it ended
@@ -45,10 +48,11 @@ class Phases:
             self.say(f"start-up: {part.replace('_', ' ')} done at {self.marks[part] - self.start:.1f} s")
 
     def step_done(self) -> None:
-        now = time.time()
         if "first_step" not in self.marks:
-            self.mark("first_step", now)
-        self.last_step = now
+            if self.wait is not None:
+                self.wait()
+            self.mark("first_step")
+        self.last_step = time.time()
 
     def summary(self, saves: list[tuple[int, float]], final_save: float | None) -> dict[str, Any]:
         """{"startup_s", "startup_parts": {part: seconds}, "train_s", "checkpoint_saves": [{"step", "seconds"}],

@@ -27,7 +27,7 @@ from nitp_ds.checkpoint import state as ckpt
 from nitp_ds.checkpoint.manager import CheckpointManager
 from nitp_ds.console import debug_enabled
 from nitp_ds.config import Config, dump_yaml, from_dict, read_yaml, to_dict, validate
-from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum, barrier, check_shared_run_dir, ensure_dist_env,
+from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum_read_later, barrier, check_shared_run_dir, ensure_dist_env,
                                  leave_process_group, lost_peer, lost_peer_error, on_every_rank, start_process_group,
                                  world)
 from nitp_ds.ds_config import load_ds_config
@@ -92,7 +92,8 @@ class Trainer:
         self.rank, self.world_size, self.local_rank = world()
         self.is_main = self.rank == 0
         self.state = RunState()
-        self.phases = Phases(say=self.say if debug_enabled() else None)
+        self.phases = Phases(say=self.say if debug_enabled() else None,
+                             wait=torch.cuda.synchronize if torch.cuda.is_available() else None)
         self.phases.mark("imports", entered)
         self.force = force
         ds_raw = load_ds_config(ds_config_path)
@@ -246,18 +247,22 @@ class Trainer:
         return result
 
     def batch_to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """Copied from pinned memory, so that the copy does not wait for the device's queue."""
+        if self.device.type != "cuda":
+            return batch
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> StepResult:
         """One optimizer step over grad_accum micro-batches, or a skipped one.
 
         Every rank runs forward and backward on every micro-batch, finite or not: ZeRO-3 and AutoEP keep the
-        ranks in lockstep through collectives inside both passes. Then one small all-reduce counts the
-        non-finite losses of all ranks and micro-batches, the ranks asking to stop and those still writing a
-        checkpoint in the background: the loop's only wait
-        on the device in a step (DeepSpeed's step has its own). If any loss was non-finite, the window's
-        gradients are dropped and the optimizer, the lr schedule and the step count stay where they were;
-        the data has moved on, so the step is retried on new batches.
+        ranks in lockstep through collectives inside both passes. One small all-reduce counts the non-finite
+        losses of all ranks and micro-batches, the ranks asking to stop and those still writing a checkpoint
+        in the background. It is queued after the last forward and read after the last backward is queued:
+        the loop's only wait on the device in a step, and it waits for the forward alone, so the device still
+        has the backward to run while the host queues the optimizer step behind it. If any loss was
+        non-finite, the window's gradients are dropped and the optimizer, the lr schedule and the step count
+        stay where they were; the data has moved on, so the step is retried on new batches.
         """
         engine, accum = self.engine, self.cfg.train.grad_accum
         attempt = self.state.step + self.state.skipped_steps + 1  # for the fault hook: skipped steps count
@@ -277,11 +282,14 @@ class Trainer:
                 else:
                     totals[key] = totals.get(key, 0) + value.float() / accum
             tokens += batch["input_ids"].numel() * self.world_size
+            if micro == accum:  # made on the device (a tensor from host values would wait for it)
+                votes = torch.stack([nonfinite, nonfinite.new_full((), float(self.state.stop_requested)),
+                                     nonfinite.new_full((), float(self.checkpoints.writing()))])
+                read_votes = all_sum_read_later(votes, self.world_size)
             engine.backward(loss)
             if micro < accum:
                 engine.step()  # inside the window: DeepSpeed only counts the micro-batch
-        flags = torch.tensor([float(self.state.stop_requested), float(self.checkpoints.writing())], device=self.device)
-        bad, stopping, writing = all_sum(torch.cat([nonfinite.reshape(1), flags]), self.world_size).tolist()
+        bad, stopping, writing = read_votes()
         if bad:
             discard_gradients(engine)
             return StepResult(None, int(bad), stopping > 0)

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from nitp_ds.distributed import agree_on_errors, ensure_dist_env, free_port, lost_peer, lost_peer_error, world
+from nitp_ds.distributed import (agree_on_errors, all_sum_read_later, ensure_dist_env, free_port, lost_peer,
+                                 lost_peer_error, world)
 from nitp_ds.errors import NITPError
 from nitp_ds.rank_watch import LOST_PEER_EXIT, WATCH_ENV
 
@@ -69,6 +70,29 @@ def test_free_port_is_bindable():
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", free_port()))
+
+
+def vote(port: int, rank: int, votes) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    read = all_sum_read_later(torch.tensor([float(rank), 1.0, 0.5 + rank]), 2)
+    votes.put((rank, read()))
+    dist.destroy_process_group()
+
+
+def test_a_sum_queued_now_and_read_later_is_the_sum_of_every_rank():
+    context = multiprocessing.get_context("spawn")
+    votes = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=vote, args=(port, rank, votes)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    results = dict(votes.get(timeout=120) for _ in ranks)
+    for process in ranks:
+        process.join(timeout=30)
+    assert results == {0: [1.0, 2.0, 2.0], 1: [1.0, 2.0, 2.0]}
 
 
 def survivor(port: int, rank: int, verdict) -> None:
