@@ -82,8 +82,8 @@ VARIANTS: dict[str, tuple[dict, dict | str]] = {
     "nitp-1gpu-autogc": ({"train.gc_every": 0}, ONE_GPU),
     # the one-GPU config with DeepSpeed's own ZeRO-3 optimizer step (fp64 norms, flatten, unscale pass)
     "nitp-1gpu-dsstep": ({"train.fast_zero_step": "false"}, ONE_GPU),
-    # the one-GPU config with gradients accumulated in bf16 (DeepSpeed's default) instead of fp32
-    "nitp-1gpu-bf16acc": ({}, {"__file__": ONE_GPU, "data_types": {"grad_accum_dtype": "bf16"}}),
+    # the one-GPU config with gradients accumulated in fp32 even over one micro-batch ("auto": only over several)
+    "nitp-1gpu-fp32acc": ({}, {"__file__": ONE_GPU, "data_types": {"grad_accum_dtype": "fp32"}}),
     # AutoEP's fused options: gate and up projections in one grouped GEMM, fused weighted combine
     "nitp-fusedep": ({}, {"expert_parallel": {"gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}}),
 }

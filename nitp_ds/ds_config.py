@@ -1,8 +1,9 @@
 """The DeepSpeed JSON config: loaded as the user wrote it, completed from the recipe, checked against it.
 
 The ds_config stays a plain DeepSpeed file that users can bring from elsewhere. nitp-ds fills the
-fields it derives (batch sizes, clipping, precision "auto", the AutoEP pattern and preset) and
-refuses a value that contradicts the recipe with a message naming both values and the fix.
+fields it derives (batch sizes, clipping, precision "auto", the gradient accumulation dtype "auto", the
+AutoEP pattern and preset) and refuses a value that contradicts the recipe with a message naming both
+values and the fix.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def derive_ds_config(raw: dict[str, Any], cfg: Config, *, world_size: int, num_e
     elif bf16.get("enabled") is True and not accelerator_has_bf16():
         raise NITPError('ds_config enables bf16 but this accelerator has no bf16 support (CPU?); set '
                         '"bf16": {"enabled": "auto"} or use ds_configs/zero3_moe_cpu.json')
+
+    types = ds.get("data_types")
+    if isinstance(types, dict) and types.get("grad_accum_dtype") == "auto":
+        # fp32 where gradients accumulate over micro-batches (bf16 sums drop the small ones); a single
+        # micro-batch's gradient is the same either way, and DeepSpeed's default (the parameters' dtype) halves
+        # the gradient buffer and the optimizer's read of it.
+        if t.grad_accum > 1:
+            types["grad_accum_dtype"] = "fp32"
+        else:
+            del types["grad_accum_dtype"]
 
     zero = ds.get("zero_optimization", {})
     if zero.get("stage3_param_persistence_threshold") == "auto":

@@ -95,3 +95,13 @@ def test_explicit_persistence_threshold_is_left_as_written(world_size):
 def test_the_bundled_gpu_config_asks_for_the_auto_persistence_threshold():
     raw = load_ds_config(ROOT / "ds_configs" / "zero3_moe.json")
     assert persistence_threshold(raw, world_size=1) == 10**12 and persistence_threshold(raw, world_size=2) == 100_000
+
+
+@pytest.mark.parametrize("grad_accum,expected", [(1, None), (2, "fp32")])
+def test_auto_gradient_accumulation_dtype_is_fp32_only_where_gradients_accumulate(grad_accum, expected):
+    raw = load_ds_config(ROOT / "ds_configs" / "zero3_moe_1gpu.json")
+    assert raw["data_types"]["grad_accum_dtype"] == "auto"
+    ds = derive(raw, [f"train.grad_accum={grad_accum}"], world_size=1)
+    assert ds["data_types"].get("grad_accum_dtype") == expected
+    assert derive({"data_types": {"grad_accum_dtype": "bf16"}}, ["train.grad_accum=2"])["data_types"] == \
+        {"grad_accum_dtype": "bf16"}  # a dtype written out is left as it is
