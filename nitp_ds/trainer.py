@@ -27,9 +27,9 @@ from nitp_ds.checkpoint import state as ckpt
 from nitp_ds.checkpoint.manager import CheckpointManager
 from nitp_ds.console import debug_enabled
 from nitp_ds.config import Config, dump_yaml, from_dict, read_yaml, to_dict, validate
-from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum_read_later, barrier, check_shared_run_dir, ensure_dist_env,
-                                 leave_process_group, lost_peer, lost_peer_error, on_every_rank, start_process_group,
-                                 world)
+from nitp_ds.distributed import (agree_on_errors, all_mean, all_sum_read_later, barrier, check_shared_run_dir,
+                                 ensure_dist_env, leave_process_group, lost_peer, lost_peer_error, on_every_rank,
+                                 start_process_group, world)
 from nitp_ds.ds_config import load_ds_config
 from nitp_ds.errors import NITPError
 from nitp_ds.evaluate import summary_line, validation_loss, validation_windows
