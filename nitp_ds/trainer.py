@@ -247,10 +247,10 @@ class Trainer:
         return result
 
     def batch_to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copied from pinned memory, so that the copy does not wait for the device's queue."""
-        if self.device.type != "cuda":
-            return batch
-        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        """On CUDA copied from pinned memory, so that the copy does not wait for the device's queue."""
+        if self.device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> StepResult:
         """One optimizer step over grad_accum micro-batches, or a skipped one.
