@@ -72,6 +72,17 @@ def test_free_port_is_bindable():
         sock.bind(("127.0.0.1", free_port()))
 
 
+def start_two_ranks(target):
+    """`target(port, rank, queue)` started on ranks 0 and 1 (spawned processes); returns them and the queue."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=target, args=(port, rank, queue)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    return ranks, queue
+
+
 def vote(port: int, rank: int, votes) -> None:
     import torch
     import torch.distributed as dist
@@ -83,12 +94,7 @@ def vote(port: int, rank: int, votes) -> None:
 
 
 def test_a_sum_queued_now_and_read_later_is_the_sum_of_every_rank():
-    context = multiprocessing.get_context("spawn")
-    votes = context.Queue()
-    port = free_port()
-    ranks = [context.Process(target=vote, args=(port, rank, votes)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
+    ranks, votes = start_two_ranks(vote)
     results = dict(votes.get(timeout=120) for _ in ranks)
     for process in ranks:
         process.join(timeout=30)
@@ -114,12 +120,7 @@ def survivor(port: int, rank: int, verdict) -> None:
 
 
 def test_a_collective_after_a_peer_is_killed_is_recognised_as_a_lost_peer():
-    context = multiprocessing.get_context("spawn")
-    verdict = context.Queue()
-    port = free_port()
-    ranks = [context.Process(target=survivor, args=(port, rank, verdict)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
+    ranks, verdict = start_two_ranks(survivor)
     recognised, message = verdict.get(timeout=120)
     for process in ranks:
         process.join(timeout=30)
