@@ -105,3 +105,33 @@ def test_auto_gradient_accumulation_dtype_is_fp32_only_where_gradients_accumulat
     assert ds["data_types"].get("grad_accum_dtype") == expected
     assert derive({"data_types": {"grad_accum_dtype": "bf16"}}, ["train.grad_accum=2"])["data_types"] == \
         {"grad_accum_dtype": "bf16"}  # a dtype written out is left as it is
+
+
+def test_deepspeeds_throughput_timer_is_off_unless_the_ds_config_sets_timers():
+    assert derive({})["timers"] == {"throughput": {"enabled": False}}
+    written = {"timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert derive(written)["timers"] == written["timers"]
+
+
+def test_a_training_step_does_not_wait_for_the_device_through_deepspeed(tmp_path):
+    """DeepSpeed's throughput timer, on by default, synchronizes the device at every forward and step; with
+    the derived config no training step calls the accelerator's synchronize (with the timer on, steps do)."""
+    import subprocess
+    import sys
+
+    import runs
+
+    data = runs.prepare_data(tmp_path)
+    timer_on = json.loads(runs.DS_CONFIG.read_text())
+    timer_on["timers"] = {"throughput": {"enabled": True}}
+    (tmp_path / "timer_on.json").write_text(json.dumps(timer_on))
+    sets = {**runs.TINY, "data.path": data, "train.out_dir": tmp_path / "run", "checkpoint.every": 0}
+    configs = [str(runs.DS_CONFIG), str(tmp_path / "timer_on.json")]
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "device_waits.py"),
+                             str(ROOT / "recipes" / "debug.yaml"), "4", ",".join(configs),
+                             *[f"{k}={v}" for k, v in sets.items()]],
+                            env=runs.child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    waits = json.loads(result.stdout.strip().splitlines()[-1])
+    assert waits[configs[0]] == 0
+    assert waits[configs[1]] >= 4  # the timer's wait in each step (and in each forward after its first steps)
