@@ -14,6 +14,9 @@ LM head); z is the raw residual stream (`hidden_states[k]` in Hugging Face terms
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -130,7 +133,8 @@ class NITPModel(nn.Module):
         if not self._hooks:
             self.attach_hooks()
         self._target = None
-        hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        with positions_unpacked():
+            hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
         compiled = use_compiled_loss(self.compile_loss, hidden.device)
         if torch.is_grad_enabled():
@@ -151,6 +155,32 @@ class NITPModel(nn.Module):
         parts["aux"], parts["z"], parts["load"] = router["aux"].to(hidden.device), router["z"].to(hidden.device), router["load"]
         self._target = None
         return parts
+
+
+@contextlib.contextmanager
+def positions_unpacked() -> Iterator[None]:
+    """Hugging Face's causal mask skips its check for packed sequences in the position ids.
+
+    Without position ids, as this model calls the decoder, Hugging Face makes them 0..T-1 in every row, and
+    `find_packed_sequence_indices` always finds them unpacked (the mask stays None: causal attention). Its
+    `.all()` on a device tensor is read on the host, though: a wait for the device at every forward, so the
+    host could not queue a forward while the device still ran the last optimizer step (one H200, shape B: the
+    step's one wait besides the skip-step vote's). Here the check answers "unpacked" without reading it."""
+    from transformers import masking_utils
+
+    check = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if check is None:  # a transformers without the check
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _unpacked
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = check
+
+
+def _unpacked(position_ids: torch.Tensor) -> None:
+    return None
 
 
 def remove_output_capturing_hooks(lm: nn.Module) -> int:

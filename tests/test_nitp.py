@@ -254,3 +254,26 @@ def grad_nodes(tensor):
         seen.add(node)
         yield node
         todo.extend(next_node for next_node, _ in node.next_functions)
+
+
+def test_forward_skips_the_packed_sequence_check_and_keeps_hugging_faces_hidden_states():
+    """Hugging Face's check for packed position ids reads a device tensor on the host at every forward; the
+    model's forward skips it (its own position ids are never packed) and gives Hugging Face's hidden states."""
+    from transformers import masking_utils
+
+    model = tiny()
+    x, y = batch()
+    check, seen = masking_utils.find_packed_sequence_indices, []
+    masking_utils.find_packed_sequence_indices = lambda position_ids: seen.append(position_ids) or check(position_ids)
+    try:
+        reference = model.lm.model(input_ids=x, use_cache=False).last_hidden_state
+        assert len(seen) == 1 and check(seen[0]) is None  # Hugging Face's own forward checks, and finds none
+        captured = {}
+        handle = model.lm.model.norm.register_forward_hook(lambda module, args, out: captured.setdefault("h", out))
+        model(x, y)
+        handle.remove()
+        assert len(seen) == 1  # the model's forward did not check
+        assert masking_utils.find_packed_sequence_indices is not check  # and it put the spy back
+    finally:
+        masking_utils.find_packed_sequence_indices = check
+    torch.testing.assert_close(captured["h"], reference)
