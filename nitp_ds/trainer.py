@@ -259,8 +259,9 @@ class Trainer:
         ranks in lockstep through collectives inside both passes. One small all-reduce counts the non-finite
         losses of all ranks and micro-batches, the ranks asking to stop and those still writing a checkpoint
         in the background. It is queued after the last forward and read after the last backward is queued:
-        the loop's only wait on the device in a step, and it waits for the forward alone, so the device still
-        has the backward to run while the host queues the optimizer step behind it. If any loss was
+        the loop's own only wait on the device in a step, and it waits for the forward alone. (DeepSpeed's
+        ZeRO-3 step then waits for the backward, to check the gradient norm on the host; the host queues the
+        update and the next forward while the device runs the update.) If any loss was
         non-finite, the window's gradients are dropped and the optimizer, the lr schedule and the step count
         stay where they were; the data has moved on, so the step is retried on new batches.
         """
