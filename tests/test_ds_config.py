@@ -1,9 +1,12 @@
 """The ds_config is completed from the recipe and contradictions are refused."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import runs
 
 from nitp_ds.config import load_config
 from nitp_ds.ds_config import derive_ds_config, load_ds_config
@@ -116,11 +119,6 @@ def test_deepspeeds_throughput_timer_is_off_unless_the_ds_config_sets_timers():
 def test_a_training_step_does_not_wait_for_the_device_through_deepspeed(tmp_path):
     """DeepSpeed's throughput timer, on by default, synchronizes the device at every forward and step; with
     the derived config no training step calls the accelerator's synchronize (with the timer on, steps do)."""
-    import subprocess
-    import sys
-
-    import runs
-
     data = runs.prepare_data(tmp_path)
     timer_on = json.loads(runs.DS_CONFIG.read_text())
     timer_on["timers"] = {"throughput": {"enabled": True}}
