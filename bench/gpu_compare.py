@@ -86,6 +86,8 @@ VARIANTS: dict[str, tuple[dict, dict | str]] = {
     "nitp-1gpu-fp32acc": ({}, {"__file__": ONE_GPU, "data_types": {"grad_accum_dtype": "fp32"}}),
     # AutoEP's fused options: gate and up projections in one grouped GEMM, fused weighted combine
     "nitp-fusedep": ({}, {"expert_parallel": {"gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}}),
+    "nitp-fusedgu": ({}, {"expert_parallel": {"gate_up_impl": "fused"}}),
+    "nitp-fusedcomb": ({}, {"expert_parallel": {"combine_impl": "fused_weighted_sum"}}),
 }
 
 

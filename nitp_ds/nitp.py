@@ -87,6 +87,7 @@ class NITPModel(nn.Module):
         self._target: torch.Tensor | None = None
         self._routers: list[nn.Module] = []  # the MoE layers' router modules, which keep their logits for the loss
         self._hooks: list = []
+        self.unpadded_experts = True  # experts_unpadded: AutoEP at expert-parallel size 1 copies no tokens
         self._register_external_lm_head()
 
     def _register_external_lm_head(self) -> None:
@@ -133,7 +134,7 @@ class NITPModel(nn.Module):
         if not self._hooks:
             self.attach_hooks()
         self._target = None
-        with positions_unpacked():
+        with positions_unpacked(), experts_unpadded(self.unpadded_experts):
             hidden = self.lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
         compiled = use_compiled_loss(self.compile_loss, hidden.device)
@@ -181,6 +182,50 @@ def positions_unpacked() -> Iterator[None]:
 
 def _unpacked(position_ids: torch.Tensor) -> None:
     return None
+
+
+@contextlib.contextmanager
+def experts_unpadded(enabled: bool = True) -> Iterator[None]:
+    """AutoEP layers at expert-parallel size 1 hand their routed tokens to the grouped GEMMs as they are.
+
+    An AutoEP layer sorts its routed tokens by expert, then, at expert-parallel size 1, `permute_by_local_expert`
+    copies them into a layout where each expert's group is padded to a multiple of 8 rows, and
+    `unpermute_by_local_expert` copies the experts' output back: two copies of every routed token in the forward,
+    two in the backward, and the kernels that make their indices, in every MoE layer. At that size the tokens go
+    nowhere: the copies only add padding, and the grouped GEMMs (torch's `_grouped_mm`, as Hugging Face's
+    grouped_mm experts call it, DeepSpeed's Triton kernel or its loop) take groups of any size. Here both are
+    the identity for that case (the counts of one rank's experts, a 1-D tensor); with several expert-parallel
+    ranks (a [ranks, experts] count matrix) the received tokens really are regrouped, and DeepSpeed's own run."""
+    try:
+        from deepspeed.module_inject import auto_ep_layer
+    except ImportError:  # a deepspeed without AutoEP
+        auto_ep_layer = None
+    if not enabled or auto_ep_layer is None or auto_ep_layer.permute_by_local_expert is _grouped_in_place:
+        yield
+        return
+    # Module-level functions, not closures made per forward: a compiled decoder layer guards on what it calls.
+    _deepspeed_regroup[:] = [auto_ep_layer.permute_by_local_expert, auto_ep_layer.unpermute_by_local_expert]
+    auto_ep_layer.permute_by_local_expert = _grouped_in_place
+    auto_ep_layer.unpermute_by_local_expert = _ungrouped_in_place
+    try:
+        yield
+    finally:
+        auto_ep_layer.permute_by_local_expert, auto_ep_layer.unpermute_by_local_expert = _deepspeed_regroup
+
+
+_deepspeed_regroup: list = []  # DeepSpeed's permute_by_local_expert and unpermute_by_local_expert, while swapped
+
+
+def _grouped_in_place(tokens: torch.Tensor, local_counts: torch.Tensor):
+    if local_counts.ndim != 1:  # [ranks, experts]: tokens received from several ranks
+        return _deepspeed_regroup[0](tokens, local_counts)
+    return tokens, None, local_counts, tokens.shape[0]
+
+
+def _ungrouped_in_place(expert_output: torch.Tensor, permuted_indices: torch.Tensor | None, n_tokens: int):
+    if permuted_indices is None:
+        return expert_output
+    return _deepspeed_regroup[1](expert_output, permuted_indices, n_tokens)
 
 
 def remove_output_capturing_hooks(lm: nn.Module) -> int:

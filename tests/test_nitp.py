@@ -282,3 +282,95 @@ def test_forward_skips_the_packed_sequence_check_and_keeps_hugging_faces_hidden_
     finally:
         masking_utils.find_packed_sequence_indices = check
     torch.testing.assert_close(captured["h"], reference)
+
+
+def autoep_tiny(seed=0):
+    """`tiny()` with its MoE blocks replaced by DeepSpeed's AutoEP layers at expert-parallel size 1, as
+    `deepspeed.initialize` replaces them on one rank."""
+    from deepspeed.module_inject.auto_ep import AutoEP
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+
+    model = tiny(seed=seed)
+    autoep = AutoEP(model.lm, parse_autoep_config({"expert_parallel": {"enabled": True, "autoep_size": 1}}))
+    autoep.replace_moe_layers(autoep.ep_parser(), ep_size=1, ep_rank=0)
+    model.attach_hooks()
+    assert type(model.lm.model.layers[0].mlp).__name__ == "AutoEPMoELayer"
+    return model
+
+
+def test_autoep_at_one_rank_groups_tokens_in_place_with_deepspeeds_losses_and_gradients():
+    """At expert-parallel size 1 the model's forward skips AutoEP's copies of the routed tokens into an
+    alignment-padded layout and back; losses and every gradient are those of DeepSpeed's own path."""
+    from deepspeed.module_inject import auto_ep_layer
+
+    x, y = batch()
+    results = {}
+    permute, calls = auto_ep_layer.permute_by_local_expert, []
+
+    def spy(tokens, counts):
+        calls.append(counts.shape)
+        return permute(tokens, counts)
+
+    auto_ep_layer.permute_by_local_expert = spy
+    try:
+        for unpadded in (False, True):
+            model = autoep_tiny()
+            model.unpadded_experts = unpadded
+            calls.clear()
+            parts = model(x, y)
+            (parts["ntp"] + parts["nitp"] + 0.1 * parts["aux"]).backward()
+            results[unpadded] = parts, {n: p.grad for n, p in model.named_parameters()}, len(calls)
+            assert auto_ep_layer.permute_by_local_expert is spy  # put back after the forward
+    finally:
+        auto_ep_layer.permute_by_local_expert = permute
+    (padded, padded_grads, padded_calls), (direct, direct_grads, direct_calls) = results[False], results[True]
+    assert padded_calls == SHAPE.num_layers and direct_calls == 0
+    for key in ("ntp", "nitp", "aux", "z"):
+        torch.testing.assert_close(direct[key], padded[key], rtol=1e-6, atol=1e-7)
+    assert padded_grads.keys() == direct_grads.keys()
+    experts = [n for n in padded_grads if ".mlp.experts." in n]
+    assert experts and all(padded_grads[n].abs().sum() > 0 for n in experts)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(direct_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_several_expert_parallel_ranks_still_regroup_their_tokens():
+    """Tokens received from several ranks ([ranks, experts] counts) are regrouped by DeepSpeed's own functions."""
+    from deepspeed.module_inject import auto_ep_layer
+
+    from nitp_ds.nitp import experts_unpadded
+
+    tokens = torch.randn(6, 4)
+    counts = torch.tensor([[1, 2], [2, 1]], dtype=torch.int32)  # 2 source ranks x 2 local experts
+    reference = auto_ep_layer.permute_by_local_expert(tokens, counts)
+    with experts_unpadded():
+        regrouped = auto_ep_layer.permute_by_local_expert(tokens, counts)
+        back = auto_ep_layer.unpermute_by_local_expert(regrouped[0], regrouped[1], regrouped[3])
+    torch.testing.assert_close(regrouped[0], reference[0])
+    assert torch.equal(regrouped[1], reference[1]) and torch.equal(regrouped[2], reference[2])
+    torch.testing.assert_close(back, tokens)
+
+
+def test_compiled_autoep_layers_at_one_rank_are_one_graph():
+    """With the routed tokens grouped in place, dynamo traces a whole AutoEP decoder layer (bf16, as trained on a
+    GPU) as one graph, shared by every layer and step; DeepSpeed's padding path breaks it (on CPU at its
+    host-side index fill)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from nitp_ds.models import compile_decoder_layers
+
+    graphs = {}
+    for unpadded in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        model = autoep_tiny().to(torch.bfloat16)
+        model.unpadded_experts = unpadded
+        compile_decoder_layers(model.lm, backend="eager")
+        x, y = batch()
+        for _ in range(2):
+            parts = model(x, y)
+            (parts["ntp"] + parts["nitp"]).backward()
+        graphs[unpadded] = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    assert graphs[True] == (1, 0)
+    assert graphs[False][1] > 0
