@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from nitp_ds.config import ModelConfig
-from nitp_ds.models import build_model
+from nitp_ds.models import build_model, compile_decoder_layers
 from nitp_ds.models.families import FAMILY_NAMES
-from nitp_ds.nitp import NITPModel, router_modules
+from nitp_ds.nitp import NITPModel, experts_unpadded, remove_output_capturing_hooks, router_modules
 
 SHAPE = ModelConfig(hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, num_experts=4,
                     experts_per_token=2, moe_intermediate_size=16, intermediate_size=64)
@@ -169,8 +169,6 @@ def compiled_graphs(num_layers: int, zero_linear: bool = False, hf_capture: bool
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from torch._dynamo.utils import counters
 
-    from nitp_ds.models import compile_decoder_layers
-
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -211,8 +209,6 @@ def test_hugging_face_output_capturing_hooks_are_removed_and_break_no_compiled_l
     still broke a compiled layer's graph (dynamo cannot trace their ContextVar.get)."""
     from transformers.utils.output_capturing import install_all_output_capturing_hooks
 
-    from nitp_ds.nitp import remove_output_capturing_hooks
-
     lm = build_model(SHAPE, vocab_size=64)
     install_all_output_capturing_hooks(lm.model)
     hooked = sum(h.__name__ == "output_capturing_hook" for m in lm.modules() for h in m._forward_hooks.values())
@@ -226,8 +222,6 @@ def test_compiled_layer_backward_keeps_the_weight_parameters_not_views_of_their_
     """Why compiled layers need no memory-efficient linear: what their backward keeps of a weight is the parameter
     itself, whose data ZeRO-3 swaps out after forward and back in before backward, not a view that would hold
     the gathered copy alive in between."""
-    from nitp_ds.models import compile_decoder_layers
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     lm = build_model(SHAPE, vocab_size=64)
@@ -338,8 +332,6 @@ def test_several_expert_parallel_ranks_still_regroup_their_tokens():
     """Tokens received from several ranks ([ranks, experts] counts) are regrouped by DeepSpeed's own functions."""
     from deepspeed.module_inject import auto_ep_layer
 
-    from nitp_ds.nitp import experts_unpadded
-
     tokens = torch.randn(6, 4)
     counts = torch.tensor([[1, 2], [2, 1]], dtype=torch.int32)  # 2 source ranks x 2 local experts
     reference = auto_ep_layer.permute_by_local_expert(tokens, counts)
@@ -357,8 +349,6 @@ def test_compiled_autoep_layers_at_one_rank_are_one_graph():
     host-side index fill)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-
-    from nitp_ds.models import compile_decoder_layers
 
     graphs = {}
     for unpadded in (True, False):
