@@ -1,6 +1,6 @@
-"""What the one-process window benchmarks share (bench/one_rank.py, bench/expert_padding.py): their arguments,
-one `nitp train` Trainer built for a shape of bench/gpu_compare.py, timed windows of training steps, and the
-median and min-max of a list of figures."""
+"""What the one-process window benchmarks share (bench/one_rank.py, bench/expert_padding.py,
+bench/step_parts.py): their arguments, one `nitp train` Trainer built for a shape of bench/gpu_compare.py,
+timed windows of training steps, and the median and min-max of a list of figures."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from nitp_ds.distributed import ensure_dist_env  # noqa: E402
 from nitp_ds.trainer import Trainer  # noqa: E402
 
 
-def parse_args(shape: str, out_dir: str) -> argparse.Namespace:
+def arguments(shape: str, out_dir: str) -> argparse.ArgumentParser:
+    """The arguments every window benchmark takes (a benchmark adds its own to it)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--shape", default=shape, choices=sorted(SHAPES))
@@ -29,7 +30,11 @@ def parse_args(shape: str, out_dir: str) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="windows per arm")
     parser.add_argument("--ds-config", default="ds_configs/zero3_moe.json")
     parser.add_argument("--out-dir", default=out_dir)
-    return parser.parse_args()
+    return parser
+
+
+def parse_args(shape: str, out_dir: str) -> argparse.Namespace:
+    return arguments(shape, out_dir).parse_args()
 
 
 def build_trainer(args: argparse.Namespace, **sets) -> Trainer:
