@@ -51,16 +51,21 @@ def build_trainer(args: argparse.Namespace, **sets) -> Trainer:
     return trainer
 
 
+def tokens_per_step(trainer: Trainer) -> int:
+    """The tokens one training step of this (one-rank) Trainer consumes."""
+    train = trainer.cfg.train
+    return train.micro_batch_size * trainer.cfg.data.seq_len * train.grad_accum
+
+
 def window(trainer: Trainer, steps: int) -> float:
     """Tokens/s over `steps` training steps, from one device synchronisation to another."""
-    train = trainer.cfg.train
     gc.collect(0)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     sync()
-    return steps * train.micro_batch_size * trainer.cfg.data.seq_len * train.grad_accum / (time.perf_counter() - start)
+    return steps * tokens_per_step(trainer) / (time.perf_counter() - start)
 
 
 def spread(values: list[float], digits: int | None = None) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _windows import arguments, build_trainer, spread, sync, window  # noqa: E402
+from _windows import arguments, build_trainer, spread, sync, tokens_per_step, window  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +30,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=float, help="plain HF + DeepSpeed tokens/s on the same shape")
     args = parser.parse_args()
     trainer = build_trainer(args)
-    engine, train = trainer.engine, trainer.cfg.train
-    tokens_per_step = train.micro_batch_size * trainer.cfg.data.seq_len * train.grad_accum
+    engine, tokens = trainer.engine, tokens_per_step(trainer)
     marks: list[tuple] = []
     step, train_step = engine.step, trainer.train_step
 
@@ -61,12 +60,12 @@ def main() -> None:
         stepped = [m for m in marks if m[2] is not None]  # a skipped step (non-finite loss) has no update
         fwd_bwd = sum(start.elapsed_time(before) for start, before, _ in stepped) / len(stepped)
         opt = sum(before.elapsed_time(after) for _, before, after in stepped) / len(stepped)
-        whole.append(tokens_per_step / (fwd_bwd + opt) * 1e3)
-        passes.append(tokens_per_step / fwd_bwd * 1e3)
+        whole.append(tokens / (fwd_bwd + opt) * 1e3)
+        passes.append(tokens / fwd_bwd * 1e3)
         update.append(opt)
         print(f"step {fwd_bwd + opt:.1f} ms = forward+backward {fwd_bwd:.1f} + optimizer step {opt:.1f}; "
               f"{whole[-1]:,.0f} tokens/s, {passes[-1]:,.0f} without the optimizer step", flush=True)
-    result = {"shape": args.shape, "window": args.window, "tokens_per_step": tokens_per_step,
+    result = {"shape": args.shape, "window": args.window, "tokens_per_step": tokens,
               "step_tokens_per_s": spread(whole), "forward_backward_tokens_per_s": spread(passes),
               "optimizer_step_ms": spread(update, 2)}
     if args.baseline:
