@@ -8,8 +8,9 @@ its first batch is copied, before `engine.step()` and after it. The first span i
 (batch copy, losses, the gradient hand-off); the second DeepSpeed's step (gradient norm, clipping, AdamW,
 the bf16 partition written). The host queues ahead of the device, so the two spans add up to the step.
 Prints, per window, tokens/s of the whole step and of the forward + backward alone (what the step would
-reach with an optimizer that took no time), and the median and min-max of each. With --baseline (plain
-HF + DeepSpeed's tokens/s, measured in the same call by bench/gpu_compare.py) it prints both as ratios to it.
+reach with an optimizer that took no time), and the median and min-max of each, with the host's CPU model
+and the GPU. With --baseline (plain HF + DeepSpeed's tokens/s, measured in the same call by
+bench/gpu_compare.py) it prints both as ratios to it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _windows import arguments, build_trainer, spread, sync, tokens_per_step, window  # noqa: E402
+from gpu_compare import machine  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +67,7 @@ def main() -> None:
         update.append(opt)
         print(f"step {fwd_bwd + opt:.1f} ms = forward+backward {fwd_bwd:.1f} + optimizer step {opt:.1f}; "
               f"{whole[-1]:,.0f} tokens/s, {passes[-1]:,.0f} without the optimizer step", flush=True)
-    result = {"shape": args.shape, "window": args.window, "tokens_per_step": tokens,
+    result = {"machine": machine(), "shape": args.shape, "window": args.window, "tokens_per_step": tokens,
               "step_tokens_per_s": spread(whole), "forward_backward_tokens_per_s": spread(passes),
               "optimizer_step_ms": spread(update, 2)}
     if args.baseline:
